@@ -1,0 +1,33 @@
+r"""Trains a BookLM model: `python experiments/train.py --config=experiments/configs/tiny.py --workdir=/tmp/tiny`.
+
+Re-running the same command resumes from the workdir's latest checkpoint.
+Multi-process (one process per host; on loopback for local tests):
+  python experiments/train.py ... --coordinator=127.0.0.1:12345 --num_processes=2 --process_id=0
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  from bookjax import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info("done: %s", summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
