@@ -60,6 +60,7 @@ def default_attention_config() -> ml_collections.ConfigDict:
       impl="full",             # 'full' | 'blockwise' (online softmax, linear memory)
       block_size=128,          # query/key block for impl='blockwise'
       rope_theta=10000.0,
+      rope_interleave=False,   # MLA: RoPE input pairs (2i, 2i+1) as in DeepSeek checkpoints
       # --- MLA (DeepSeek-V2/V3) ---
       q_lora_rank=64,          # 0: direct query projection
       kv_lora_rank=32,
@@ -68,43 +69,54 @@ def default_attention_config() -> ml_collections.ConfigDict:
       v_head_dim=32,
       # --- MLA-3D dimensions: comma-separated subset of semantic,glyph,cultural ---
       dims="",
-      semantic=dict(num_buckets=8, num_heads=0),  # num_heads 0: every head
+      # sentence-distance buckets: exact below num_buckets//2, log-spaced to max_distance;
+      # memory: one extra key/value slot per finished earlier sentence (mean latent)
+      semantic=dict(num_buckets=8, num_heads=0, max_distance=32, memory=False),
+      # glyph heads: the first num_heads heads (0: every head) get a glyph channel
       glyph=dict(num_heads=1, head_dim=16, embed_dim=32),
+      # cultural heads: the last num_heads heads (0: every head) get a register channel
       cultural=dict(num_registers=4, num_heads=0),
-      # --- YaRN scaling of the RoPE slice (factor 1: off) ---
+      # --- YaRN scaling of the RoPE slice (factor 1: off); as HF transformers ---
       yarn=dict(factor=1.0, original_max_len=4096, beta_fast=32.0,
-                beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0),
+                beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0, truncate=True),
   ))
 
 
 def default_forest_config() -> ml_collections.ConfigDict:
-  """Expert Forest settings (see bookjax/model/forest.py for the meaning)."""
+  """Expert Forest settings (formulas in bookjax/model/forest/, see its __init__).
+
+  Tiers are stacks of same-shape experts; a tier with num_experts=0 (and top_k=0)
+  is absent. Global expert ids follow the order light, deep, super.
+  """
   return ml_collections.ConfigDict(dict(
       routing_depth=3,           # 1 flat, 2 tier->expert, 3 domain->tier->expert
       num_domains=3,             # level-1 domains (basic / professional / innovative)
       domain_supervision=0.0,    # weight of CE from corpus domain labels (0: off)
+      domain_label_map=(),       # corpus domain id -> router domain (-1: none); (): identity
+      num_corpus_domains=4,      # corpus domains in the data (tier-usage-by-domain stats)
       tiers=dict(
-          light=dict(num_experts=8, d_ff=64, depth=1, top_k=2),
-          deep=dict(num_experts=4, d_ff=64, depth=2, top_k=1),
-          super=dict(num_experts=2, d_ff=256, depth=1, top_k=1),
+          light=dict(num_experts=8, d_ff=64, depth=1, top_k=2),   # narrow SwiGLU
+          deep=dict(num_experts=4, d_ff=64, depth=2, top_k=1),    # depth >= 2 sub-layers
+          super=dict(num_experts=2, d_ff=256, depth=1, top_k=1),  # wide SwiGLU
       ),
       tier_top_k=1,              # depth 2/3: how many tiers a token visits
       top_k=2,                   # depth 1: experts per token over all tiers
-      num_shared=0,              # always-on shared experts
-      shared_d_ff=128,
-      score_fn="softmax",        # 'softmax' | 'sigmoid'
+      num_shared=0,              # always-on shared experts (merged into one SwiGLU)
+      shared_d_ff=128,           # width of each shared expert
+      score_fn="softmax",        # expert scores: 'softmax' | 'sigmoid'
       num_groups=1,              # depth 1: group-limited top-k (DeepSeek-V3)
-      topk_groups=1,
-      norm_topk=True,
-      route_scale=1.0,
+      topk_groups=1,             # depth 1: groups kept per token
+      norm_topk=True,            # renormalise expert gates over the chosen k
+      route_scale=1.0,           # multiplies every routed gate
       dispatch="sorted",         # 'sorted' | 'capacity' | 'ragged_dot' | 'dense_loop'
-      capacity_factor=1.25,
-      block_size=64,             # rows per matmul block for 'sorted'
+      capacity_factor=1.25,      # 'capacity': slots per expert / expected load
+      block_size=128,            # 'sorted': largest row tile of the grouped matmul
+      min_block_size=16,         # 'sorted': smallest tile (bounds padding per expert)
       bias_update_rate=1e-3,     # aux-loss-free bias step (0: off)
       balance_loss_weight=1e-3,  # sequence-wise balance loss
-      z_loss_weight=1e-4,
+      z_loss_weight=1e-4,        # router z-loss
       compute_loss_weight=1e-3,  # compute-aware tier term
-      nominal_tier_mix=dict(light=0.6, deep=0.3, super=0.1),
+      nominal_tier_mix=dict(light=0.6, deep=0.3, super=0.1),  # budget: share per tier
   ))
 
 

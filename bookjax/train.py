@@ -13,7 +13,6 @@ import os
 import time
 from typing import Any
 
-from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -144,12 +143,19 @@ class TrainState:
 # Sharding
 # =================================================================================
 
+def strip_boxes(tree):
+  """Replaces nn.Partitioned boxes by their values (no sharding constraint applied;
+  shardings come from `state_shardings` instead)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def _init_fn(model, tx, config):
   """rng -> TrainState with unboxed (plain array) params."""
   batch = dummy_batch(1, min(config.data.seq_len, 8))
 
   def init_fn(rng):
-    variables = nn.unbox(model.init(rng, batch))
+    variables = strip_boxes(model.init(rng, batch))
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
@@ -181,7 +187,7 @@ def state_shardings(model, tx, config, mesh, rules) -> TrainState:
   boxed = jax.eval_shape(lambda r: model.init(r, batch), jax.random.PRNGKey(0))
   var_sh = sharding.logical_to_shardings(boxed, mesh, rules)
   param_sh = var_sh["params"]
-  abstract_params = nn.unbox(boxed)["params"]
+  abstract_params = strip_boxes(boxed)["params"]
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Optimizer leaves shaped like a parameter take that parameter's sharding.
@@ -325,6 +331,19 @@ def evaluate_bits_per_char(eval_fn, state: TrainState, batches, put) -> dict[str
   return res
 
 
+def stratified_eval_batches(docs, tokenizer, config) -> list[dict]:
+  """About `train.eval_batches` batches, split evenly over the corpus domains, so
+  every domain's bits/char is measured on the same number of tokens."""
+  per = max(1, math.ceil(config.train.eval_batches / len(corpus.DOMAINS)))
+  out = []
+  for name in corpus.DOMAINS:
+    dom = [d for d in docs if d.domain == name]
+    if dom:
+      out.extend(pipeline.make_eval_batches(dom, tokenizer, seq_len=config.data.seq_len,
+                                            batch_size=config.data.batch_size, max_batches=per))
+  return out
+
+
 def unigram_entropy_bits_per_char(splits, tokenizer) -> float:
   """Entropy (bits/char) of the training split's token unigram, scored on validation.
 
@@ -346,9 +365,17 @@ def unigram_entropy_bits_per_char(splits, tokenizer) -> float:
 # Loop
 # =================================================================================
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def _say(msg: str) -> None:
+  """Progress output (stdout, flushed): absl's INFO stream is left to libraries."""
+  print(msg, flush=True)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it has a checkpoint) and evaluates.
 
+  stop_at: end the run after this step (checkpointing first), as if it had been
+  interrupted there; the schedule still follows `config.train.steps`. For tests
+  and notebooks.
   Returns a summary dict: final step, last train metrics, validation bits/char per
   domain, throughput.
   """
@@ -377,7 +404,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if mngr.latest_step() is not None:
     state, data_state = restore_checkpoint(mngr, abstract_state(model, tx, config, shardings))
     data.train_iter.set_state(data_state)
-    logging.info("Resumed from step %d", int(state.step))
+    if is_main:
+      _say(f"resumed from step {int(state.step)} ({workdir})")
   else:
     state = create_train_state(model, tx, config, mesh, rules)
 
@@ -386,9 +414,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                       donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(model))
-  eval_batches = pipeline.make_eval_batches(
-      data.splits["validation"], data.tokenizer, seq_len=config.data.seq_len,
-      batch_size=config.data.batch_size, max_batches=config.train.eval_batches)
+  eval_batches = stratified_eval_batches(data.splits["validation"], data.tokenizer, config)
 
   writer = metrics_io.MetricsWriter(workdir, enabled=is_main)
   t = config.train
@@ -412,16 +438,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       metrics.update(timer.rates())
       writer.write(step, metrics)
       if is_main:
-        logging.info("%s", metrics_io.progress_line(step, t.steps, metrics))
+        _say(metrics_io.progress_line(step, t.steps, metrics))
     if step % t.eval_every == 0 or step == t.steps:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         eval_res = evaluate_bits_per_char(eval_fn, state, eval_batches, put)
       writer.write(step, {f"val/{k}": v for k, v in eval_res.items()})
       if is_main:
-        logging.info("step %d validation %s", step,
-                     " ".join(f"{k}={v:.3f}" for k, v in eval_res.items()))
-    if step % t.checkpoint_every == 0 or step == t.steps:
+        _say(f"step {step} validation " + " ".join(f"{k}={v:.3f}" for k, v in eval_res.items()))
+    if step % t.checkpoint_every == 0 or step == t.steps or step == stop_at:
       save_checkpoint(mngr, state, data.train_iter.get_state())
+    if step == stop_at:
+      break
   writer.close()
   summary = dict(step=int(jax.device_get(state.step)), train=last_metrics, validation=eval_res,
                  tokens_per_sec=timer.rates().get("tokens_per_sec"))

@@ -4,7 +4,7 @@ Re-running the same command resumes from the workdir's latest checkpoint.
 Multi-process (one process per host; on loopback for local tests):
   python experiments/train.py ... --coordinator=127.0.0.1:12345 --num_processes=2 --process_id=0
 """
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -24,9 +24,8 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   from bookjax import train  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.INFO)
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  logging.info("done: %s", summary)
+  print("done:", summary, flush=True)
 
 
 if __name__ == "__main__":

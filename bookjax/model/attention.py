@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bookjax.model import blockwise as core
 from bookjax.model import layers
 
 NEG_INF = -1e30  # finite, so fully-masked rows give zeros instead of NaN
@@ -64,12 +65,17 @@ def full_attention(q_BTHK, k_BSHK, v_BSHV, mask_BHTS, *, scale: float,
 
 
 class MultiHeadAttention(nn.Module):
-  """Baseline multi-head attention with RoPE on the full head width."""
+  """Baseline multi-head attention with RoPE on the full head width.
+
+  `impl='full'` is the reference path (unchanged); `impl='blockwise'` uses the
+  online-softmax core (same numbers, linear memory). With `cache` / `shared`
+  (see `init_layer_cache`) it extends a K/V decoding cache and returns (y, cache).
+  """
   cfg: Any        # model.attention config
   model_cfg: Any  # model config (d_model, dtypes, init_std)
 
   @nn.compact
-  def __call__(self, x_BTD, ctx: Context):
+  def __call__(self, x_BTD, ctx: Context, cache=None, shared=None, naive: bool = False):
     a, m = self.cfg, self.model_cfg
     kw = dict(init_std=m.init_std, compute_dtype=m.compute_dtype,
               param_dtype=m.param_dtype)
@@ -81,14 +87,38 @@ class MultiHeadAttention(nn.Module):
     q = layers.apply_rope(q, ctx.positions, inv_freq)
     kk = layers.apply_rope(kk, ctx.positions, inv_freq)
     q = layers.constrain(q, ("batch", "length", "heads", "head_dim"))
-    mask = causal_segment_mask(ctx.segment_ids, ctx.segment_ids)
-    out = full_attention(q, kk, v, mask, scale=k ** -0.5)
+    if cache is not None:
+      out, cache = self._extend(q, kk, v, ctx, cache, shared)
+    elif a.impl == "blockwise":
+      b, t = ctx.positions.shape
+      idx = core.row_meta(b, t)
+      qs = core.Queries(main=q, rope=None, extra=None, idx=idx, seg=ctx.segment_ids,
+                        sent=ctx.sentence_ids)
+      ks = core.Keys(main=kk, rope=None, extra=None, value=v, idx=idx, seg=ctx.segment_ids,
+                     sent=ctx.sentence_ids, kind=jnp.zeros_like(idx))
+      out = core.blockwise(qs, ks, core.Spec(scale=k ** -0.5), None, a.block_size, a.block_size)
+    else:
+      mask = causal_segment_mask(ctx.segment_ids, ctx.segment_ids)
+      out = full_attention(q, kk, v, mask, scale=k ** -0.5)
     out_kw = dict(kw)
     w = layers.param_with_axes(self, "out", nn.initializers.normal(m.init_std),
                                (h, k, x_BTD.shape[-1]), ("heads", "head_dim", "embed"),
                                layers.dtype_of(m.param_dtype))
     dt = layers.dtype_of(out_kw["compute_dtype"])
-    return jnp.einsum("bthk,hkd->btd", out.astype(dt), w.astype(dt))
+    y = jnp.einsum("bthk,hkd->btd", out.astype(dt), w.astype(dt))
+    return y if cache is None else (y, cache)
+
+  def _extend(self, q, k_new, v_new, ctx: Context, cache, shared):
+    """Writes the new K/V at shared['index'] and attends over the whole cache."""
+    index = shared["index"]
+    upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
+                                                               index, axis=1)
+    cache = dict(k=upd(cache["k"], k_new), v=upd(cache["v"], v_new))
+    t, s = q.shape[1], cache["k"].shape[1]
+    mask = causal_segment_mask(ctx.segment_ids, shared["segment_ids"],
+                               jnp.arange(t) + index, jnp.arange(s))
+    out = full_attention(q, cache["k"], cache["v"], mask, scale=self.cfg.head_dim ** -0.5)
+    return out, cache
 
 
 ATTENTION_KINDS = ("mha", "mla")
@@ -116,9 +146,61 @@ def validate_config(cfg, model_cfg, prefix: str = "model.attention") -> None:
     raise ValueError(f"config.{prefix}.num_heads: must be >= 1, got {cfg.num_heads}")
   if cfg.impl not in ("full", "blockwise"):
     raise ValueError(f"config.{prefix}.impl: must be 'full' or 'blockwise', got {cfg.impl!r}")
+  if cfg.block_size < 1:
+    raise ValueError(f"config.{prefix}.block_size: must be >= 1, got {cfg.block_size}")
   if cfg.kind == "mha":
     if cfg.head_dim < 2 or cfg.head_dim % 2:
       raise ValueError(f"config.{prefix}.head_dim: must be even and >= 2 (RoPE), got {cfg.head_dim}")
   else:
     from bookjax.model import mla  # pylint: disable=g-import-not-at-top
     mla.validate_config(cfg, model_cfg, prefix)
+
+
+# ---------------------------------------------------------------------------------
+# Decoding caches
+# ---------------------------------------------------------------------------------
+
+def init_layer_cache(cfg, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+  """One attention layer's decoding cache (MHA: K and V; MLA: see mla.init_layer_cache)."""
+  if cfg.kind == "mla":
+    from bookjax.model import mla  # pylint: disable=g-import-not-at-top
+    return mla.init_layer_cache(cfg, batch_size, max_len, dtype)
+  shape = (batch_size, max_len, cfg.num_heads, cfg.head_dim)
+  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def init_shared_cache(batch_size: int, max_len: int) -> dict:
+  """Per-token ids shared by all layers, and the write index."""
+  z = jnp.zeros((batch_size, max_len), jnp.int32)
+  return dict(index=jnp.zeros((), jnp.int32), segment_ids=z, sentence_ids=z, tokens=z)
+
+
+def write_shared_cache(shared: dict, ctx: Context) -> dict:
+  """Writes the new tokens' ids at shared['index'] (the index itself is not advanced)."""
+  upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
+                                                             shared["index"], axis=1)
+  return dict(shared, segment_ids=upd(shared["segment_ids"], ctx.segment_ids),
+              sentence_ids=upd(shared["sentence_ids"], ctx.sentence_ids),
+              tokens=upd(shared["tokens"], ctx.tokens))
+
+
+def cache_bytes_per_token(cfg, dtype: str = "bfloat16", num_layers: int = 1) -> dict:
+  """KV-cache size per token for an attention config (any kind, any MLA-3D dims).
+
+  Returns per_layer_values (floats cached per layer), per_layer_bytes (those, in
+  `dtype`), shared_bytes (int32 ids cached once for all layers: segment id, plus
+  sentence id with 'semantic' and token id with 'glyph'), and bytes_per_layer =
+  per_layer_bytes + shared_bytes / num_layers.
+  """
+  nbytes = jnp.dtype(layers.dtype_of(dtype)).itemsize
+  if cfg.kind == "mla":
+    from bookjax.model import mla  # pylint: disable=g-import-not-at-top
+    vals = mla.cache_values_per_token(cfg)
+  else:
+    vals = dict(per_layer=dict(k=cfg.num_heads * cfg.head_dim, v=cfg.num_heads * cfg.head_dim),
+                shared=dict(segment_ids=1))
+  per_layer = sum(vals["per_layer"].values())
+  shared = 4 * sum(vals["shared"].values())
+  return dict(per_layer_values=per_layer, per_layer_bytes=per_layer * nbytes,
+              shared_bytes=shared, bytes_per_layer=per_layer * nbytes + shared / num_layers,
+              detail=vals)

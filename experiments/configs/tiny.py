@@ -14,7 +14,7 @@ from bookjax import config_lib
 
 
 def get_config(arg: str | None = None):
-  a = config_lib.parse_arg(arg, steps=600, ffn="dense", attention="mha", dims="", depth=3,
+  a = config_lib.parse_arg(arg, steps=500, ffn="dense", attention="mha", dims="", depth=3,
                            seq_len=128, batch=16, d_model=128, layers=4, seed=0,
                            runlocal=False)
   c = config_lib.default_config()

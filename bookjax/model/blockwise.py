@@ -1,0 +1,237 @@
+"""The softmax-attention core shared by MHA and MLA(-3D): full (reference) and
+blockwise (online softmax, memory linear in sequence length).
+
+A query/key pair's logit is
+
+  z[b,h,t,s] = scale · (q.main[t,h]·k.main[s(,h)] + q.rope[t,h]·k.rope[s])
+             + scale · q.extra[t,h]·k.extra[s]                     (MLA-3D glyph / cultural)
+             + Σ_n sem[h,n] · [bucket(sent[t] - sent[s]) = n]       (MLA-3D semantic)
+
+Keys may be per head (`main` [B,S,H,A], `value` [B,S,H,V]: expanded MLA, MHA) or
+shared by all heads (`main` [B,S,A], `value` [B,S,V]: absorbed MLA, where A = V =
+kv_lora_rank and attention is multi-query over the latent). `rope` / `extra` keys
+are always shared ([B,S,R] / [B,S,E]).
+
+Masking (see attention.py): same non-zero segment, and either `kind == 0` (a
+token) with key row index <= query row index, or `kind == 1` (a semantic memory
+slot) with key sentence < query sentence. `kind == -1` keys are never attended.
+Fully masked rows give zeros.
+
+Blockwise: queries are processed in blocks by `lax.map`; each query block scans
+the key blocks with a running (max m, normaliser l, accumulator acc):
+
+  m' = max(m, max_s z),  p = exp(z - m'),  l' = l e^(m-m') + Σ_s p,
+  acc' = acc e^(m-m') + p v,   out = acc / l.
+
+Key blocks that lie wholly after the query block are skipped (`lax.cond`). Both
+loop bodies are `jax.checkpoint`ed, so the backward pass keeps O(T) residuals
+(per query block: one (m, l, acc) per key block) and never a T x T array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully-masked rows give zeros instead of NaN
+_BIG = 2 ** 30
+
+
+@flax.struct.dataclass
+class Queries:
+  """Query side. main/rope/extra: [B, T, H, *]; idx/seg/sent: [B, T] int32."""
+  main: jnp.ndarray
+  rope: Optional[jnp.ndarray]
+  extra: Optional[jnp.ndarray]
+  idx: jnp.ndarray
+  seg: jnp.ndarray
+  sent: jnp.ndarray
+
+
+@flax.struct.dataclass
+class Keys:
+  """Key side. main [B,S,H,A] | [B,S,A]; rope [B,S,R]; extra [B,S,E];
+  value [B,S,H,V] | [B,S,V]; idx/seg/sent/kind [B, S] int32."""
+  main: jnp.ndarray
+  rope: Optional[jnp.ndarray]
+  extra: Optional[jnp.ndarray]
+  value: jnp.ndarray
+  idx: jnp.ndarray
+  seg: jnp.ndarray
+  sent: jnp.ndarray
+  kind: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Static settings. num_buckets 0: no semantic bias; has_memory: kind-1 keys."""
+  scale: float
+  num_buckets: int = 0
+  max_distance: int = 32
+  has_memory: bool = False
+
+
+def concat_keys(a: Keys, b: Keys) -> Keys:
+  """Concatenates two key sets along S (e.g. tokens then memory slots)."""
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=1), a, b)
+
+
+def sentence_buckets(dist, num_buckets: int, max_distance: int):
+  """Buckets a sentence distance (>= 0; negative clipped to 0), T5-style.
+
+  Distances below `exact = num_buckets // 2` get their own bucket; larger ones
+  share log-spaced buckets up to `max_distance`; beyond it the last bucket:
+    bucket(d) = d                                               if d < exact
+              = min(exact + floor(ln(d/exact) / ln(max_distance/exact)
+                                   · (num_buckets - exact)), num_buckets - 1)
+  """
+  d = jnp.maximum(dist, 0)
+  exact = num_buckets // 2
+  if exact < 1 or max_distance <= exact:
+    return jnp.minimum(d, num_buckets - 1).astype(jnp.int32)
+  df = jnp.maximum(d, 1).astype(jnp.float32)
+  frac = jnp.log(df / exact) / math.log(max_distance / exact)
+  far = exact + jnp.floor(frac * (num_buckets - exact)).astype(jnp.int32)
+  return jnp.where(d < exact, d, jnp.minimum(far, num_buckets - 1)).astype(jnp.int32)
+
+
+def _semantic_bias(q: Queries, k: Keys, sem_HN, spec: Spec):
+  """[B, H, T, S] bias sem[h, bucket(sent_q - sent_k)] (a one-hot einsum: no scatter)."""
+  b_BTS = sentence_buckets(q.sent[:, :, None] - k.sent[:, None, :], spec.num_buckets,
+                           spec.max_distance)
+  onehot = jax.nn.one_hot(b_BTS, spec.num_buckets, dtype=jnp.float32)
+  return jnp.einsum("btsn,hn->bhts", onehot, sem_HN.astype(jnp.float32))
+
+
+def logits(q: Queries, k: Keys, spec: Spec, sem_HN=None):
+  """Unmasked logits [B, H, T, S] in float32 (the equation in the module doc)."""
+  f32 = jnp.float32
+  eq = "bthd,bshd->bhts" if k.main.ndim == 4 else "bthd,bsd->bhts"
+  z = jnp.einsum(eq, q.main, k.main, preferred_element_type=f32)
+  if q.rope is not None:
+    z = z + jnp.einsum("bthr,bsr->bhts", q.rope, k.rope, preferred_element_type=f32)
+  z = z * spec.scale
+  if q.extra is not None:
+    z = z + jnp.einsum("bthe,bse->bhts", q.extra, k.extra,
+                       preferred_element_type=f32) * spec.scale
+  if spec.num_buckets:
+    z = z + _semantic_bias(q, k, sem_HN, spec)
+  return z
+
+
+def mask(q: Queries, k: Keys, spec: Spec):
+  """Boolean [B, 1, T, S]: which keys each query may attend to."""
+  qs, ks = q.seg[:, :, None], k.seg[:, None, :]
+  ok = (qs == ks) & (qs > 0)
+  past = k.idx[:, None, :] <= q.idx[:, :, None]
+  if spec.has_memory:
+    kind = k.kind[:, None, :]
+    mem = (kind == 1) & (k.sent[:, None, :] < q.sent[:, :, None])
+    ok = ok & (((kind == 0) & past) | mem)
+  else:
+    ok = ok & past
+  return ok[:, None]
+
+
+def _attend_values(p_BHTS, k: Keys):
+  eq = "bhts,bshv->bthv" if k.value.ndim == 4 else "bhts,bsv->bthv"
+  return jnp.einsum(eq, p_BHTS.astype(k.value.dtype), k.value,
+                    preferred_element_type=jnp.float32)
+
+
+def full(q: Queries, k: Keys, spec: Spec, sem_HN=None):
+  """Reference attention, T x S logits at once. Returns [B, T, H, V] (value dtype)."""
+  msk = mask(q, k, spec)
+  z = jnp.where(msk, logits(q, k, spec, sem_HN), NEG_INF)
+  p = jnp.where(msk, jax.nn.softmax(z, axis=-1), 0.0)
+  return _attend_values(p, k).astype(k.value.dtype)
+
+
+# ---------------------------------------------------------------------------------
+# Blockwise
+# ---------------------------------------------------------------------------------
+
+def _pad_time(tree, multiple: int):
+  """Pads axis 1 of every leaf with zeros up to a multiple (seg 0 = masked)."""
+  def pad(x):
+    n = (-x.shape[1]) % multiple
+    if not n:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, n)
+    return jnp.pad(x, widths)
+  return jax.tree.map(pad, tree)
+
+
+def _split_blocks(tree, block: int):
+  """[B, N*block, ...] -> [N, B, block, ...] for every leaf."""
+  def split(x):
+    b, n = x.shape[0], x.shape[1] // block
+    return jnp.moveaxis(x.reshape((b, n, block) + x.shape[2:]), 1, 0)
+  return jax.tree.map(split, tree)
+
+
+def _skippable(q: Queries, k: Keys):
+  """True when every valid key of the block lies after every query of the block."""
+  k_ok = (k.seg > 0) & (k.kind >= 0)
+  kmin = jnp.min(jnp.where(k_ok, k.idx, _BIG))
+  qmax = jnp.max(jnp.where(q.seg > 0, q.idx, -1))
+  return kmin > qmax
+
+
+def _online_step(carry, q: Queries, k: Keys, spec: Spec, sem_HN):
+  """One key block of the online softmax. carry: m, l [B,H,Tq]; acc [B,Tq,H,V] f32."""
+  m, l, acc = carry
+  msk = mask(q, k, spec)
+  z = jnp.where(msk, logits(q, k, spec, sem_HN), NEG_INF)
+  m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+  p = jnp.where(msk, jnp.exp(z - m_new[..., None]), 0.0)
+  corr = jnp.exp(m - m_new)
+  l_new = l * corr + jnp.sum(p, axis=-1)
+  acc_new = acc * jnp.swapaxes(corr, 1, 2)[..., None] + _attend_values(p, k)
+  return m_new, l_new, acc_new
+
+
+def blockwise(q: Queries, k: Keys, spec: Spec, sem_HN=None, block_q: int = 128,
+              block_k: int = 128):
+  """Same result as `full` with O(T) memory. Returns [B, T, H, V] (value dtype)."""
+  b, t, h = q.main.shape[:3]
+  v_dim = k.value.shape[-1]
+  bq, bk = min(block_q, t), min(block_k, k.main.shape[1])
+  kb = _split_blocks(_pad_time(k, bk), bk)
+  qb = _split_blocks(_pad_time(q, bq), bq)
+
+  def q_block(qi: Queries):
+    def body(carry, ki: Keys):
+      step = lambda c: _online_step(c, qi, ki, spec, sem_HN)
+      return jax.lax.cond(_skippable(qi, ki), lambda c: c, step, carry), None
+
+    init = (jnp.full((b, h, bq), NEG_INF, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
+            jnp.zeros((b, bq, h, v_dim), jnp.float32))
+    (_, l, acc), _ = jax.lax.scan(jax.checkpoint(body), init, kb)
+    l = jnp.swapaxes(l, 1, 2)[..., None]
+    return (acc / jnp.where(l > 0, l, 1.0)).astype(k.value.dtype)
+
+  out = jax.lax.map(jax.checkpoint(q_block), qb)          # [Nq, B, bq, H, V]
+  out = jnp.moveaxis(out, 0, 1).reshape((b, -1, h, v_dim))
+  return out[:, :t]
+
+
+def attend(q: Queries, k: Keys, spec: Spec, sem_HN=None, impl: str = "full",
+           block_size: int = 128):
+  """Dispatches to `full` or `blockwise` by name."""
+  if impl == "full":
+    return full(q, k, spec, sem_HN)
+  if impl == "blockwise":
+    return blockwise(q, k, spec, sem_HN, block_size, block_size)
+  raise ValueError(f"unknown attention impl {impl!r}")
+
+
+def row_meta(batch: int, length: int, offset=0):
+  """Row indices [B, T] int32: offset + arange(T) for every row."""
+  idx = jnp.arange(length, dtype=jnp.int32) + jnp.asarray(offset, jnp.int32)
+  return jnp.broadcast_to(idx, (batch, length))

@@ -1,0 +1,501 @@
+"""Dispatch back-ends: run routed copies through their experts and combine.
+
+All back-ends take the same inputs, the Route from routing.py (expert id and gate
+per slot, sentinel E for inactive slots) and the stacked tier weights, and compute
+
+    y[n] = sum_j gate[n, j] * Expert_{expert[n, j]}(x[n]).
+
+An expert of a tier with depth S is S SwiGLU sub-layers with inner residuals:
+    z_0 = x,  f_s = SwiGLU_s(z_{s-1}),  z_s = z_{s-1} + f_s,  Expert(x) = sum_s f_s
+(= z_S - x; light and super tiers have S = 1, i.e. a plain SwiGLU).
+
+Back-ends:
+  sorted      (default, dropless) sort copies by expert, one grouped-matmul loop
+              per tier over row tiles of the sorted copies; gathers only.
+  capacity    capacity-factor buffers [E_r, C_r, D] per tier and batched einsums;
+              copies past an expert's capacity are dropped (and counted).
+  ragged_dot  jax.lax.ragged_dot per tier on the sorted copies (for accelerators;
+              XLA:CPU lowers it densely, every row through every expert).
+  dense_loop  Python loop over all experts on all tokens: the test oracle.
+
+Why `sorted` looks the way it does (XLA:CPU, measured): scatters (`.at[].add`)
+are slow, so every data movement is a gather whose transpose is the gather with
+the inverse permutation (`gather_rows`); a static-shape [blocks, rows, D] buffer
+would have to be sized for the worst case (every token in one tier), so instead a
+while loop walks only the tiles that exist: each expert's rows are cut into tiles
+of block_size rows, and its remainder into power-of-two tiles down to
+min_block_size, so padding is < min_block_size rows per expert, and the loop
+trip count is the true tile count. The loop has a hand-written VJP (recomputing
+nothing: the forward saves the SwiGLU pre-activations per tier).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from bookjax.model import layers
+from bookjax.model.forest import spec as spec_lib
+from bookjax.model.forest.routing import Route
+
+_ds = jax.lax.dynamic_slice_in_dim
+_dus = jax.lax.dynamic_update_slice_in_dim
+
+
+# ----------------------------------------------------------------------------------
+# Gathers with gather transposes
+# ----------------------------------------------------------------------------------
+
+def _gather_sum(x_AD, idx_BJ):
+  """out[b] = sum_j x[idx[b, j]]; indices >= A read zeros."""
+  out = None
+  for j in range(idx_BJ.shape[1]):
+    g = jnp.take(x_AD, idx_BJ[:, j], axis=0, mode="fill", fill_value=0)
+    out = g if out is None else out + g
+  return out
+
+
+@jax.custom_vjp
+def gather_rows(x_AD, idx_BJ, tidx_AI):
+  """out[b] = sum_j x[idx[b, j]] (idx >= A reads 0), with a gather as transpose.
+
+  tidx_AI must list, for every row a of x, the output rows that read it (padded
+  with an index >= B): then dx[a] = sum_i dout[tidx[a, i]] is the exact VJP, and
+  no scatter-add is ever emitted.
+  """
+  return _gather_sum(x_AD, idx_BJ)
+
+
+def _gather_rows_fwd(x_AD, idx_BJ, tidx_AI):
+  return _gather_sum(x_AD, idx_BJ), (idx_BJ, tidx_AI)
+
+
+def _gather_rows_bwd(res, dout_BD):
+  idx_BJ, tidx_AI = res
+  return _gather_sum(dout_BD, tidx_AI), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+# ----------------------------------------------------------------------------------
+# Sorting copies by expert
+# ----------------------------------------------------------------------------------
+
+class SortPlan(NamedTuple):
+  """Copies b = n*K + j sorted (stably) by expert id; P = N*K + pad sorted rows.
+
+  src_P1: token of each sorted row, N for rows holding no active copy.
+  copy_P1: copy id of each sorted row, N*K for rows holding no active copy.
+  pos_NK: sorted row of each copy, P for inactive copies.
+  starts_E1: first sorted row of each expert's group; starts[E] = active copies.
+  """
+  src_P1: jnp.ndarray
+  copy_P1: jnp.ndarray
+  pos_NK: jnp.ndarray
+  starts_E1: jnp.ndarray
+
+
+def make_plan(expert_NK, num_experts: int, pad_rows: int = 0) -> SortPlan:
+  """Sorts the copies by expert (inactive copies, id E, go last)."""
+  n, k = expert_NK.shape
+  b = n * k
+  e_B = expert_NK.reshape(b).astype(jnp.int32)
+  rows_B = jnp.arange(b, dtype=jnp.int32)
+  if (num_experts + 1) * b < 2 ** 31:
+    # Sorting the composite key e*B + b is a stable argsort by e; on XLA:CPU it
+    # is ~5x faster than jnp.argsort (a single-operand integer sort).
+    key_B = jnp.sort(e_B * b + rows_B)
+    order_B, sorted_e_B = key_B % b, key_B // b
+  else:
+    order_B = jnp.argsort(e_B, stable=True).astype(jnp.int32)
+    sorted_e_B = e_B[order_B]
+  starts = jnp.searchsorted(sorted_e_B, jnp.arange(num_experts + 1, dtype=jnp.int32),
+                            side="left").astype(jnp.int32)
+  active_B = rows_B < starts[num_experts]
+  copy_B = jnp.where(active_B, order_B, b)
+  # Inverse permutation: a scatter of B int32 indices (index math, not row data).
+  inv_B = jnp.zeros((b,), jnp.int32).at[order_B].set(rows_B, unique_indices=True)
+  p = b + pad_rows
+  pos_B = jnp.where(e_B < num_experts, inv_B, p)
+  copy_P = jnp.concatenate([copy_B, jnp.full((pad_rows,), b, jnp.int32)])
+  src_P = jnp.where(copy_P < b, copy_P // k, n)
+  return SortPlan(src_P[:, None], copy_P[:, None], pos_B.reshape(n, k), starts)
+
+
+def tier_row_bound(cfg, s: spec_lib.TierSpec, n_tokens: int) -> int:
+  """Static bound on the copies one tier can receive from n_tokens tokens."""
+  if cfg.routing_depth == 1:
+    return n_tokens * min(int(cfg.top_k), s.num_experts)
+  return n_tokens * s.top_k
+
+
+# ----------------------------------------------------------------------------------
+# Expert math
+# ----------------------------------------------------------------------------------
+
+def expert_ffn(z_MD, wg_SDF, wu_SDF, wo_SFD, dt):
+  """One expert (S sub-layers with inner residuals) on rows z_MD; returns [M, D]."""
+  out = None
+  for s in range(wg_SDF.shape[0]):
+    g = z_MD @ wg_SDF[s].astype(dt)
+    u = z_MD @ wu_SDF[s].astype(dt)
+    f = (jax.nn.silu(g) * u) @ wo_SFD[s].astype(dt)
+    out = f if out is None else out + f
+    z_MD = z_MD + f
+  return out
+
+
+def expert_ffn_batched(z_ECD, wg_ESDF, wu_ESDF, wo_ESFD, dt):
+  """All experts of a tier on their own rows: z_ECD [E, C, D] -> [E, C, D]."""
+  out = None
+  for s in range(wg_ESDF.shape[1]):
+    g = jnp.einsum("ecd,edf->ecf", z_ECD, wg_ESDF[:, s].astype(dt))
+    u = jnp.einsum("ecd,edf->ecf", z_ECD, wu_ESDF[:, s].astype(dt))
+    f = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, wo_ESFD[:, s].astype(dt))
+    out = f if out is None else out + f
+    z_ECD = z_ECD + f
+  return out
+
+
+# ----------------------------------------------------------------------------------
+# Tiles: the grouped-matmul schedule of one tier
+# ----------------------------------------------------------------------------------
+
+class TileTable(NamedTuple):
+  """Tiles of one size: expert (tier-local), first sorted row, valid rows; count."""
+  expert_T: jnp.ndarray
+  row_T: jnp.ndarray
+  valid_T: jnp.ndarray
+  count: jnp.ndarray
+
+
+def block_classes(block_size: int, min_block_size: int) -> tuple[int, ...]:
+  """(block_size, block_size/2, ..., min_block_size)."""
+  out, b = [], block_size
+  while b >= min_block_size:
+    out.append(b)
+    b //= 2
+  return tuple(out)
+
+
+def _table(n_tiles_E, first_E, stride: int, counts_E, starts_E, size: int, max_tiles: int):
+  """Expands per-expert tile counts into a table of max_tiles (static) entries.
+
+  Expert e owns tiles covering its rows first_e + j*stride, j < n_tiles_e.
+  """
+  num_e = n_tiles_E.shape[0]
+  cum_E = jnp.cumsum(n_tiles_E)
+  t = jnp.arange(max_tiles, dtype=jnp.int32)
+  e = jnp.minimum(jnp.searchsorted(cum_E, t, side="right"), num_e - 1).astype(jnp.int32)
+  j = t - (cum_E[e] - n_tiles_E[e])
+  off = first_E[e] + j * stride
+  valid = jnp.clip(counts_E[e] - off, 0, size)
+  return TileTable(e, starts_E[e] + off, valid.astype(jnp.int32), cum_E[-1].astype(jnp.int32))
+
+
+def tile_tables(starts_E1, classes: Sequence[int], max_rows: int) -> tuple[TileTable, ...]:
+  """Cuts each expert's c_e rows into tiles: full tiles of classes[0] rows, then
+  the remainder (rounded up to classes[-1]) as at most one tile per smaller size.
+
+  starts_E1: [E_r + 1] sorted-row boundaries of the tier's experts.
+  max_rows: static bound on the tier's rows (sizes the tables, not the work).
+  """
+  big, small = classes[0], classes[-1]
+  counts = (starts_E1[1:] - starts_E1[:-1]).astype(jnp.int32)
+  starts = starts_E1[:-1]
+  num_e = counts.shape[0]
+  full = counts // big
+  rem = -(-(counts - full * big) // small) * small
+  extra = rem >= big                       # remainder rounds up to a full tile
+  full = full + extra.astype(jnp.int32)
+  rem = jnp.where(extra, 0, rem)
+  zero = jnp.zeros_like(counts)
+  tables = [_table(full, zero, big, counts, starts, big,
+                   max_rows // big + min(num_e, max_rows))]
+  for b in classes[1:]:
+    has = ((rem & b) != 0).astype(jnp.int32)
+    first = full * big + (rem // (2 * b)) * (2 * b)   # larger remainder tiles first
+    tables.append(_table(has, first, b, counts, starts, b, min(num_e, max_rows)))
+  return tuple(tables)
+
+
+@dataclasses.dataclass(frozen=True)
+class TierKernel:
+  """Static shape info of one tier for the grouped-FFN loop."""
+  depth: int
+  classes: tuple[int, ...]
+  local_rows: int       # saved-activation buffer rows: tier row bound + largest tile
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+  tiers: tuple[TierKernel, ...]
+  dtype: str
+
+
+def _put(buf, blk, row, mask):
+  """buf[row:row+b] = blk where mask (rows past an expert's end keep buf)."""
+  old = _ds(buf, row, blk.shape[0])
+  return _dus(buf, jnp.where(mask, blk.astype(buf.dtype), old), row, 0)
+
+
+def _expert_weights(w3, e):
+  return tuple(_ds(w, e, 1)[0] for w in w3)
+
+
+def _tier_forward(tk: TierKernel, dt, x_PD, y_PD, w3, tables, start, save: bool):
+  """Runs one tier's tiles; writes its rows of y. Returns (y, saved activations)."""
+  d = x_PD.shape[1]
+  f = w3[0].shape[-1]
+  saves = None
+  if save:
+    buf = lambda width: jnp.zeros((tk.local_rows, width), dt)
+    saves = dict(g=[buf(f) for _ in range(tk.depth)], u=[buf(f) for _ in range(tk.depth)],
+                 z=[buf(d) for _ in range(tk.depth - 1)])
+  for b, table in zip(tk.classes, tables):
+    def body(t, carry, b=b, table=table):
+      y, sv = carry
+      e, r = table.expert_T[t], table.row_T[t]
+      mask = (jnp.arange(b) < table.valid_T[t])[:, None]
+      wg, wu, wo = _expert_weights(w3, e)
+      z = _ds(x_PD, r, b)
+      lr = r - start
+      out = None
+      for s in range(tk.depth):
+        g = z @ wg[s].astype(dt)
+        u = z @ wu[s].astype(dt)
+        fs = (jax.nn.silu(g) * u) @ wo[s].astype(dt)
+        if sv is not None:
+          sv["g"][s] = _put(sv["g"][s], g, lr, mask)
+          sv["u"][s] = _put(sv["u"][s], u, lr, mask)
+          if s > 0:
+            sv["z"][s - 1] = _put(sv["z"][s - 1], z, lr, mask)
+        out = fs if out is None else out + fs
+        z = z + fs
+      return _put(y, out, r, mask), sv
+    y_PD, saves = jax.lax.fori_loop(0, table.count, body, (y_PD, saves))
+  return y_PD, saves
+
+
+def _tier_backward(tk: TierKernel, dt, x_PD, dy_PD, dx_PD, w3, tables, start, saves):
+  """VJP of `_tier_forward`: accumulates dx rows of the tier and dW of its experts."""
+  dw = tuple(jnp.zeros(w.shape, jnp.float32) for w in w3)
+  f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+  for b, table in zip(tk.classes, tables):
+    def body(t, carry, b=b, table=table):
+      dx, dwg, dwu, dwo = carry
+      e, r = table.expert_T[t], table.row_T[t]
+      mask = (jnp.arange(b) < table.valid_T[t])[:, None]
+      wg, wu, wo = (w.astype(dt) for w in _expert_weights(w3, e))
+      xb = _ds(x_PD, r, b)
+      dyb = jnp.where(mask, _ds(dy_PD, r, b), 0).astype(dt)
+      lr = r - start
+      a = None                      # gradient reaching z_s from sub-layers > s
+      gg, gu, go = [None] * tk.depth, [None] * tk.depth, [None] * tk.depth
+      for s in reversed(range(tk.depth)):
+        df = dyb if a is None else dyb + a
+        g = _ds(saves["g"][s], lr, b)
+        u = _ds(saves["u"][s], lr, b)
+        z_in = xb if s == 0 else _ds(saves["z"][s - 1], lr, b)
+        sg = jax.nn.sigmoid(g)
+        act = g * sg
+        dh = df @ wo[s].T
+        go[s] = f32((act * u).T, df)
+        du = dh * act
+        dg = dh * u * (sg * (1 + g * (1 - sg)))
+        gg[s] = f32(z_in.T, dg)
+        gu[s] = f32(z_in.T, du)
+        dz = dg @ wg[s].T + du @ wu[s].T
+        a = dz if a is None else a + dz
+      acc = lambda w, parts: _dus(w, _ds(w, e, 1) + jnp.stack(parts)[None], e, 0)
+      return (_put(dx, a, r, mask), acc(dwg, gg), acc(dwu, gu), acc(dwo, go))
+    dx_PD, *dw = jax.lax.fori_loop(0, table.count, body, (dx_PD,) + tuple(dw))
+  return dx_PD, tuple(d.astype(w.dtype) for d, w in zip(dw, w3))
+
+
+def _grouped_forward(ks: KernelSpec, x_PD, weights, tables, starts_R, save: bool):
+  dt = layers.dtype_of(ks.dtype)
+  y_PD = jnp.zeros(x_PD.shape, dt)
+  all_saves = []
+  for r, tk in enumerate(ks.tiers):
+    y_PD, sv = _tier_forward(tk, dt, x_PD, y_PD, weights[r], tables[r], starts_R[r], save)
+    all_saves.append(sv)
+  return y_PD, all_saves
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def grouped_ffn(ks: KernelSpec, x_PD, weights, tables, starts_R):
+  """y[p] = Expert_{e(p)}(x[p]) for the sorted rows of every tier (0 elsewhere).
+
+  weights: per tier (wg [E,S,D,F], wu [E,S,D,F], wo [E,S,F,D]); tables: per tier
+  the TileTables of `tile_tables`; starts_R: first sorted row of each tier.
+  """
+  return _grouped_forward(ks, x_PD, weights, tables, starts_R, save=False)[0]
+
+
+def _grouped_ffn_fwd(ks, x_PD, weights, tables, starts_R):
+  y_PD, saves = _grouped_forward(ks, x_PD, weights, tables, starts_R, save=True)
+  return y_PD, (x_PD, weights, tables, starts_R, saves)
+
+
+def _grouped_ffn_bwd(ks, res, dy_PD):
+  x_PD, weights, tables, starts_R, saves = res
+  dt = layers.dtype_of(ks.dtype)
+  dx_PD = jnp.zeros(x_PD.shape, x_PD.dtype)
+  dws = []
+  for r, tk in enumerate(ks.tiers):
+    dx_PD, dw = _tier_backward(tk, dt, x_PD, dy_PD, dx_PD, weights[r], tables[r],
+                               starts_R[r], saves[r])
+    dws.append(dw)
+  return dx_PD, tuple(dws), None, None
+
+
+grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
+
+
+# ----------------------------------------------------------------------------------
+# Back-ends
+# ----------------------------------------------------------------------------------
+
+class DispatchInfo(NamedTuple):
+  """routed: active copies; dropped: copies that got no expert (capacity only)."""
+  routed: jnp.ndarray
+  dropped: jnp.ndarray
+
+
+def _weights3(w):
+  return (w["wi_gate"], w["wi_up"], w["wo"])
+
+
+def _gate_sorted(route: Route, plan: SortPlan):
+  n, k = route.gate_NK.shape
+  return gather_rows(route.gate_NK.reshape(n * k, 1), plan.copy_P1, plan.pos_NK.reshape(n * k, 1))
+
+
+def sorted_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
+  """Dropless: sort copies by expert, grouped-matmul loop per tier, unsort + combine."""
+  n, k = route.expert_NK.shape
+  e_total = sum(s.num_experts for s in specs)
+  plan = make_plan(route.expert_NK, e_total, pad_rows=int(cfg.block_size))
+  x_PD = gather_rows(x_ND.astype(dt), plan.src_P1, plan.pos_NK)
+  classes = block_classes(int(cfg.block_size), int(cfg.min_block_size))
+  tiers, tables = [], []
+  for s in specs:
+    bound = tier_row_bound(cfg, s, n)
+    tiers.append(TierKernel(s.depth, classes, bound + classes[0]))
+    tables.append(tile_tables(plan.starts_E1[s.offset:s.offset + s.num_experts + 1],
+                              classes, bound))
+  starts_R = jnp.stack([plan.starts_E1[s.offset] for s in specs])
+  ks = KernelSpec(tuple(tiers), jnp.dtype(dt).name)
+  y_PD = grouped_ffn(ks, x_PD, tuple(_weights3(w) for w in weights), tuple(tables), starts_R)
+  y_PD = y_PD * _gate_sorted(route, plan).astype(dt)
+  y_ND = gather_rows(y_PD, plan.pos_NK, plan.src_P1)
+  routed = plan.starts_E1[e_total]
+  return y_ND, DispatchInfo(routed, jnp.zeros_like(routed))
+
+
+def capacity(cfg, s: spec_lib.TierSpec, n_tokens: int) -> int:
+  """Slots per expert: capacity_factor x the nominal load of one expert of tier s.
+
+  Nominal load: depth 1, N*K*m_r/E_r; depth 2/3, N*tier_top_k*m_r*k_r/E_r.
+  """
+  if cfg.routing_depth == 1:
+    load = n_tokens * int(cfg.top_k) * s.mix / s.num_experts
+  else:
+    load = n_tokens * int(cfg.tier_top_k) * s.mix * s.top_k / s.num_experts
+  return int(max(1, min(n_tokens, -(-cfg.capacity_factor * load // 1))))
+
+
+def capacity_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
+  """Capacity-factor dispatch: per tier a [E_r, C_r, D] buffer filled in sorted
+  order (so within an expert, earlier tokens win), overflow dropped."""
+  n, k = route.expert_NK.shape
+  b = n * k
+  e_total = sum(s.num_experts for s in specs)
+  plan = make_plan(route.expert_NK, e_total)
+  e_B = route.expert_NK.reshape(b)
+  pos_B = plan.pos_NK.reshape(b)
+  rank_B = pos_B - plan.starts_E1[jnp.minimum(e_B, e_total)]
+  gate_B1 = route.gate_NK.reshape(b, 1)
+  x_ND = x_ND.astype(dt)
+  y_ND = jnp.zeros(x_ND.shape, dt)
+  kept = jnp.zeros((), jnp.int32)
+  for s, w in zip(specs, weights):
+    cap = capacity(cfg, s, n)
+    n_slots = s.num_experts * cap
+    local_B = e_B - s.offset
+    keep_B = (local_B >= 0) & (local_B < s.num_experts) & (rank_B < cap)
+    slot_NK = jnp.where(keep_B, local_B * cap + rank_B, n_slots).reshape(n, k)
+    c_C = jnp.arange(cap, dtype=jnp.int32)
+    counts_E = plan.starts_E1[s.offset + 1:s.offset + s.num_experts + 1] - \
+        plan.starts_E1[s.offset:s.offset + s.num_experts]
+    rows_EC = plan.starts_E1[s.offset:s.offset + s.num_experts, None] + c_C[None]
+    ok_EC = c_C[None] < counts_E[:, None]
+    tok_Q1 = jnp.where(ok_EC, plan.src_P1[jnp.minimum(rows_EC, b - 1), 0], n).reshape(-1, 1)
+    copy_Q1 = jnp.where(ok_EC, plan.copy_P1[jnp.minimum(rows_EC, b - 1), 0], b).reshape(-1, 1)
+    buf_QD = gather_rows(x_ND, tok_Q1, slot_NK)
+    out_ECD = expert_ffn_batched(buf_QD.reshape(s.num_experts, cap, -1), *_weights3(w), dt)
+    gate_Q1 = gather_rows(gate_B1, copy_Q1, slot_NK.reshape(b, 1)).astype(dt)
+    y_ND = y_ND + gather_rows(out_ECD.reshape(n_slots, -1) * gate_Q1, slot_NK, tok_Q1)
+    kept = kept + jnp.sum(keep_B)
+  routed = plan.starts_E1[e_total]
+  return y_ND, DispatchInfo(routed, routed - kept)
+
+
+def ragged_dot_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
+  """Sorted copies through jax.lax.ragged_dot per tier (accelerators, benchmark).
+
+  Each tier reads a static window of tier_row_bound rows starting at its first
+  sorted row; rows past its groups come out 0 and later tiers overwrite them.
+  """
+  n, k = route.expert_NK.shape
+  e_total = sum(s.num_experts for s in specs)
+  bounds = [tier_row_bound(cfg, s, n) for s in specs]
+  plan = make_plan(route.expert_NK, e_total, pad_rows=max(bounds))
+  x_PD = gather_rows(x_ND.astype(dt), plan.src_P1, plan.pos_NK)
+  y_PD = jnp.zeros(x_PD.shape, dt)
+  for s, w, bound in zip(specs, weights, bounds):
+    start = plan.starts_E1[s.offset]
+    sizes = (plan.starts_E1[s.offset + 1:s.offset + s.num_experts + 1]
+             - plan.starts_E1[s.offset:s.offset + s.num_experts]).astype(jnp.int32)
+    z = _ds(x_PD, start, bound)
+    out = None
+    wg, wu, wo = _weights3(w)
+    for d in range(s.depth):
+      g = jax.lax.ragged_dot(z, wg[:, d].astype(dt), sizes)
+      u = jax.lax.ragged_dot(z, wu[:, d].astype(dt), sizes)
+      f = jax.lax.ragged_dot(jax.nn.silu(g) * u, wo[:, d].astype(dt), sizes)
+      out = f if out is None else out + f
+      z = z + f
+    y_PD = _dus(y_PD, out, start, 0)
+  y_PD = y_PD * _gate_sorted(route, plan).astype(dt)
+  y_ND = gather_rows(y_PD, plan.pos_NK, plan.src_P1)
+  routed = plan.starts_E1[e_total]
+  return y_ND, DispatchInfo(routed, jnp.zeros_like(routed))
+
+
+def dense_loop_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
+  """Oracle: every expert on every token, weighted by its summed gate (tests only)."""
+  del cfg
+  x_ND = x_ND.astype(dt)
+  y_ND = jnp.zeros(x_ND.shape, dt)
+  for s, w in zip(specs, weights):
+    wg, wu, wo = _weights3(w)
+    for e in range(s.num_experts):
+      gate_N = jnp.sum(jnp.where(route.expert_NK == s.offset + e, route.gate_NK, 0.0), axis=1)
+      y_ND = y_ND + gate_N[:, None].astype(dt) * expert_ffn(x_ND, wg[e], wu[e], wo[e], dt)
+  routed = jnp.sum(route.expert_NK < sum(s.num_experts for s in specs))
+  return y_ND, DispatchInfo(routed, jnp.zeros_like(routed))
+
+
+BACKENDS = dict(sorted=sorted_dispatch, capacity=capacity_dispatch,
+                ragged_dot=ragged_dot_dispatch, dense_loop=dense_loop_dispatch)
+
+
+def dispatch(kind: str, x_ND, route: Route, weights, specs, cfg, dt):
+  """Runs back-end `kind`; returns (y_ND in dt, DispatchInfo)."""
+  return BACKENDS[kind](x_ND, route, weights, specs, cfg, dt)
