@@ -277,17 +277,18 @@ def _mesh_sizes(mesh: Mapping[str, int], num_devices: int) -> dict[str, int]:
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-  """'fsdp=32,expert=8' -> {'data': -1, 'fsdp': 32, 'expert': 8, 'tensor': 1}."""
+  """'fsdp=32,expert=8' -> {'data': -1, 'fsdp': 32, 'expert': 8, 'tensor': 1}.
+
+  Unnamed axes are 1, except `data`, which takes the remaining devices (-1).
+  """
   out = dict(data=-1, fsdp=1, expert=1, tensor=1)
-  explicit = set()
   for item in filter(None, (s.strip() for s in spec.split(","))):
     k, _, v = item.partition("=")
     if k not in out:
       raise ValueError(f"--mesh: unknown mesh axis {k!r}; axes are {sharding_lib.MESH_AXES}")
     out[k] = int(v)
-    explicit.add(k)
-  if "data" not in explicit and any(out[k] == -1 for k in explicit):
-    out["data"] = 1
+  if sum(v == -1 for v in out.values()) > 1:
+    raise ValueError(f"--mesh: at most one axis may be -1, got {spec!r}")
   return out
 
 

@@ -52,6 +52,7 @@ memory at once unless the caller keeps it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -811,33 +812,104 @@ def make_batch(tokens_BT: np.ndarray, length: Optional[int] = None) -> dict[str,
               sentence_ids=np.zeros((b, t), np.int32), domain=np.zeros((b, t), np.int32))
 
 
-def bookjax_logits(config, variables, tokens_BT) -> np.ndarray:
-  """Logits [B, T, V] (float32) of a bookjax model on token rows."""
+@functools.lru_cache(maxsize=8)
+def _apply_fn(frozen_model_cfg):
+  """A jitted (variables, batch) -> logits for a frozen model config (cached)."""
   import jax  # pylint: disable=g-import-not-at-top
   from bookjax.model import transformer  # pylint: disable=g-import-not-at-top
-  model = transformer.Transformer(ml_collections.FrozenConfigDict(_model_cfg(config)))
-  out, _ = jax.jit(lambda v, b: model.apply(v, b, mutable=["losses", "router_stats"]))(
-      variables, make_batch(tokens_BT))
-  return np.asarray(out)
+  model = transformer.Transformer(frozen_model_cfg)
+  return jax.jit(lambda v, b: model.apply(v, b, mutable=["losses", "router_stats"])[0])
+
+
+def bookjax_logits(config, variables, tokens_BT, length: Optional[int] = None) -> np.ndarray:
+  """Logits [B, T, V] (float32) of a bookjax model on token rows (past `length`: padding)."""
+  fn = _apply_fn(ml_collections.FrozenConfigDict(_model_cfg(config)))
+  return np.asarray(fn(variables, make_batch(tokens_BT, length)))
 
 
 def greedy_continuation(config, variables, prompt_T: Sequence[int], steps: int) -> list[int]:
   """Greedy decoding by re-running the full sequence (no cache), one compile.
 
-  The prompt and its continuation live in a fixed buffer of len(prompt)+steps;
-  causal attention and dropless routing make the unwritten tail irrelevant.
+  The prompt and its continuation live in a fixed buffer of len(prompt)+steps
+  whose unwritten tail is padding; causal attention and dropless routing make it
+  irrelevant to the positions already written.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from bookjax.model import transformer  # pylint: disable=g-import-not-at-top
-  model = transformer.Transformer(ml_collections.FrozenConfigDict(_model_cfg(config)))
   n = len(prompt_T)
   buf = np.zeros((1, n + steps), np.int32)
   buf[0, :n] = prompt_T
-  fn = jax.jit(lambda v, b: model.apply(v, b, mutable=["losses", "router_stats"])[0])
   out = []
   for s in range(steps):
-    logits = np.asarray(fn(variables, make_batch(buf, length=n + s)))
+    logits = bookjax_logits(config, variables, buf, length=n + s)
     nxt = int(np.argmax(logits[0, n + s - 1]))
     buf[0, n + s] = nxt
     out.append(nxt)
   return out
+
+
+# =================================================================================
+# bookjax checkpoints on disk
+# =================================================================================
+
+def save_bookjax(out_dir: str, config, params, router_bias) -> None:
+  """Writes `config.json` (the bookjax config) and `params/` (orbax: params, router_bias)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  tree = {"params": params}
+  if router_bias:
+    tree["router_bias"] = router_bias
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(out_dir, "params"), tree, force=True)
+  ckptr.wait_until_finished()
+
+
+def load_bookjax(path: str, step: Optional[int] = None):
+  """(config, params, router_bias) from a `save_bookjax` directory or a training workdir.
+
+  A training workdir (config.json + checkpoints/) gives the latest (or `step`)
+  checkpoint's params and router bias; the optimizer state is not read into
+  memory beyond what orbax restores.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  with open(os.path.join(path, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if os.path.isdir(os.path.join(path, "params")):
+    tree = ocp.StandardCheckpointer().restore(os.path.join(path, "params"))
+    return config, tree["params"], tree.get("router_bias", {})
+  ckpt_dir = os.path.join(path, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{path}: neither params/ (convert_hf import) nor checkpoints/ "
+                            "(a training workdir)")
+  mngr = ocp.CheckpointManager(ckpt_dir)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = restored["state"]
+  get = (lambda k: state[k]) if isinstance(state, Mapping) else (lambda k: getattr(state, k))
+  try:
+    router_bias = get("router_bias") or {}
+  except (KeyError, AttributeError):
+    router_bias = {}
+  return config, get("params"), router_bias
+
+
+def compare_with_transformers(path: str, imported: Imported, tokens_BT=None,
+                              seed: int = 0) -> float:
+  """Max |logit difference| between transformers (torch, f32) and the imported model.
+
+  Needs the `hf` extra (torch, transformers); for small checkpoints only.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  if tokens_BT is None:
+    v = imported.config.model.vocab_size
+    tokens_BT = np.random.RandomState(seed).randint(0, v, (2, 16))
+  with torch.no_grad():
+    ref = model(torch.tensor(np.asarray(tokens_BT), dtype=torch.long)).logits.float().numpy()
+  ours = bookjax_logits(imported.config, imported.variables(), tokens_BT)
+  return float(np.abs(ours - ref).max())

@@ -1,15 +1,27 @@
-"""Device mesh and logical-axis rules.
+"""Device mesh, logical-axis rules, validation and batch placement.
 
 Every parameter and main activation carries logical axis names (bookjax/model/
 layers.py). `DEFAULT_RULES` maps them onto the mesh axes `data`, `fsdp`, `expert`,
-`tensor`; the config may override single rules through `config.mesh_rules`.
+`tensor`; the config may override single rules through `config.mesh_rules`
+(pairs `(logical, mesh axis | tuple of mesh axes | None)`). The mesh shape comes
+from `config.mesh` (one axis may be -1: it takes the remaining devices).
 
 Meshes are built with `AxisType.Auto` axes: jax 0.10's `make_mesh` defaults to
-Explicit axes, under which linen's logical constraints raise.
+Explicit axes, under which linen's logical constraints raise. Linen applies
+`nn.with_logical_constraint` only when a mesh is set (`jax.set_mesh`) and rules
+are active (`nn.logical_axis_rules`); the trainer traces under both.
+
+Scale-out in one paragraph: parameters are created already sharded (train.py:
+shapes by `jax.eval_shape`, shardings from the logical axes, a jit init with
+`out_shardings`); the batch is split over the `batch` axes (data, fsdp, expert);
+Expert Forest experts are split over `expert` and tokens reach them by
+all_to_all (bookjax/model/forest/expert_parallel.py); `validate` checks that all
+of this fits before anything is compiled.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,7 +44,15 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("tiers", None),
     ("domains", None),
     ("glyph", None),
+    ("glyph_components", None),
+    ("glyph_radicals", None),
+    ("glyph_strokes", None),
+    ("glyph_heads", None),
+    ("glyph_head_dim", None),
+    ("semantic_heads", None),
+    ("cultural_heads", None),
     ("registers", None),
+    ("register_keys", None),
     ("buckets", None),
     ("layers", None),
 )
@@ -92,3 +112,86 @@ def batch_sharding(mesh, rules) -> jax.sharding.NamedSharding:
   """Sharding of [B, T] input arrays: batch over the data-parallel axes."""
   spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
   return jax.sharding.NamedSharding(mesh, spec)
+
+
+def mesh_axes_of(logical: str, rules) -> tuple[str, ...]:
+  """The mesh axes a logical axis maps to under `rules` (() = replicated)."""
+  target = dict(rules).get(logical)
+  if target is None:
+    return ()
+  return tuple(target) if isinstance(target, (tuple, list)) else (target,)
+
+
+def validate(config, num_devices: int | None = None) -> tuple[int, ...]:
+  """Checks the mesh and rules against the devices and the model; compiles nothing.
+
+  Raises ValueError naming the field when: the mesh does not divide the device
+  count (or has two -1 axes), a rule names an unknown mesh axis, a forest tier's
+  expert count is not divisible by the mesh axes `experts` maps to, the experts
+  are split over an axis that does not split the tokens, or the batch does not
+  split over the `batch` axes (or the processes). Returns the mesh shape.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  shape = mesh_shape(config.mesh, num_devices)
+  sizes = dict(zip(MESH_AXES, shape))
+  rules = logical_rules(config.mesh_rules)
+  batch_axes = mesh_axes_of("batch", rules)
+  shards = math.prod(sizes[a] for a in batch_axes)
+  bs = int(config.data.batch_size)
+  if bs % shards:
+    raise ValueError(f"config.data.batch_size: {bs} rows cannot be split over the {shards} "
+                     f"batch shards (mesh axes {batch_axes} of {sizes})")
+  if bs % jax.process_count():
+    raise ValueError(f"config.data.batch_size: {bs} rows cannot be split over "
+                     f"{jax.process_count()} processes")
+  ffn = config.model.ffn
+  if ffn.kind == "forest" and config.model.num_layers > config.model.num_dense_layers:
+    from bookjax.model.forest import spec as spec_lib  # pylint: disable=g-import-not-at-top
+    ep_axes = mesh_axes_of("experts", rules)
+    ep = math.prod(sizes[a] for a in ep_axes)
+    for s in spec_lib.tier_specs(ffn.forest):
+      if s.num_experts % ep:
+        raise ValueError(
+            f"config.model.ffn.forest.tiers.{s.name}.num_experts: {s.num_experts} experts "
+            f"cannot be split over the {ep} expert shards of mesh axes {ep_axes} "
+            f"({sizes}); use a multiple of {ep} or a smaller mesh.expert")
+    outside = [a for a in ep_axes if a not in batch_axes and sizes[a] > 1]
+    if outside:
+      raise ValueError(
+          f"config.mesh_rules: 'experts' maps to mesh axes {ep_axes} but 'batch' maps to "
+          f"{batch_axes}; expert parallelism needs the tokens split over {outside} too")
+  return shape
+
+
+def put_batch(batch: Mapping[str, Any], sharding: jax.sharding.NamedSharding) -> dict:
+  """Places a host batch (the *global* batch, identical on every process) on the
+  mesh; each process transfers only the rows its devices hold.
+
+  Every process runs the same deterministic data pipeline (packing is sequential,
+  so a process cannot skip the other processes' rows cheaply) and keeps its own
+  rows: the global batch is the same as in a single-process run.
+  """
+  if jax.process_count() == 1:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+  return out
+
+
+def spec_table(boxed_variables, rules) -> list[tuple[str, tuple, jax.sharding.PartitionSpec]]:
+  """(path, logical axes, PartitionSpec) of every annotated leaf, sorted by path.
+
+  Paths look like `params/block_1/ffn/light/wi_gate`. For the golden table test.
+  """
+  rows = []
+  flat = jax.tree_util.tree_flatten_with_path(
+      boxed_variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  for path, leaf in flat:
+    if not isinstance(leaf, nn.Partitioned):
+      continue
+    name = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    rows.append((name, tuple(leaf.names), nn.logical_to_mesh_axes(leaf.names, rules)))
+  return sorted(rows)

@@ -238,13 +238,28 @@ def make_train_step(model, tx, config):
       from bookjax.model import forest  # pylint: disable=g-import-not-at-top
       router_bias = forest.update_router_bias(router_bias, stats, bias_rate)
     metrics = dict(loss=loss, ce=ce, aux_loss=aux_loss, bits_per_char=bpc,
-                   grad_norm=optax.global_norm(grads))
+                   grad_norm=optax.tree.norm(grads))
     metrics.update(_router_summary(stats))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               router_bias=router_bias)
     return new_state, metrics
 
   return step
+
+
+def jit_train_step(model, tx, config, mesh, rules, shardings=None):
+  """The train step jit-compiled with explicit in/out shardings on `mesh`.
+
+  Call it inside `jax.set_mesh(mesh), nn.logical_axis_rules(rules)` (the trace
+  happens at the first call): linen's activation constraints and the
+  expert-parallel dispatch read the mesh and rules from there. The state is
+  donated; metrics come back replicated.
+  """
+  shardings = state_shardings(model, tx, config, mesh, rules) if shardings is None else shardings
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(make_train_step(model, tx, config),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
 def _bias_rate(config) -> float:
@@ -380,6 +395,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
   domain, throughput.
   """
   config_lib.validate(config)
+  sharding.validate(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
@@ -397,8 +413,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
   batch_sh = sharding.batch_sharding(mesh, rules)
 
   def put(batch):
-    return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v))
-            for k, v in batch.items()}
+    return sharding.put_batch(batch, batch_sh)
 
   mngr = make_checkpoint_manager(workdir, config.train)
   if mngr.latest_step() is not None:
@@ -410,10 +425,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     state = create_train_state(model, tx, config, mesh, rules)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(make_train_step(model, tx, config),
-                      in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                      donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(model))
+    step_fn = jit_train_step(model, tx, config, mesh, rules, shardings)
+    eval_fn = jax.jit(make_eval_step(model), out_shardings=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
   eval_batches = stratified_eval_batches(data.splits["validation"], data.tokenizer, config)
 
   writer = metrics_io.MetricsWriter(workdir, enabled=is_main)

@@ -132,8 +132,8 @@ def layer_step(fcfg, mcfg, tokens: int, seed: int = 0):
   def loss(params, x):
     y, aux = model.apply({"params": params, "router_bias": variables["router_bias"]}, x, None,
                          seg, mutable=["losses", "router_stats"])
-    aux_loss = sum(jnp.sum(v) for v in jax.tree.leaves(aux["losses"]))
-    return jnp.sum(y * ct) + aux_loss, aux["router_stats"]
+    aux_loss = sum(jnp.sum(v) for v in jax.tree.leaves(aux.get("losses", {})))
+    return jnp.sum(y * ct) + aux_loss, aux.get("router_stats", {})
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
   return step, (variables["params"], x)

@@ -269,10 +269,9 @@ def test_dimensions_with_zero_parameters_are_plain_mla_bit_for_bit():
   # ... and with all dimensions off nothing extra is even built.
   assert jax.tree.structure(base) == jax.tree.structure(
       nn.unbox(jax.eval_shape(plain.init, jax.random.PRNGKey(1), batch)))
-  assert set(jax.tree.leaves(jax.tree_util.tree_map_with_path(
-      lambda p, x: p[-2].key if len(p) > 4 else p[-1].key, base["params"]["block_0"]["attention"]))) \
-      == {"q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
-          "kv_b_proj", "o_proj"}
+  assert set(base["params"]["block_0"]["attention"]) == {
+      "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+      "kv_b_proj", "o_proj"}
 
 
 # ---------------------------------------------------------------------------------
@@ -528,3 +527,51 @@ def test_cache_bytes_deepseek_v3_shapes():
   # the decoding cache really has that shape
   cache = attention.init_layer_cache(deepseek_v3_attention(ALL_DIMS), 1, 3, jnp.bfloat16)
   assert sum(x.shape[-1] for x in cache.values()) == 580
+
+
+# ---------------------------------------------------------------------------------
+# HF transformers DeepseekV3Attention parity (weights converted as in mla.py's doc)
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_matches_hf_deepseek_v3_attention(interleave):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from transformers import DeepseekV3Config
+  from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+  h, kn, r, v, lat, lq, d, t = 4, 8, 8, 12, 16, 24, 32, 11
+  yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32, beta_slow=1,
+              mscale=1.0, mscale_all_dim=1.0, original_max_position_embeddings=8)
+  hf_cfg = DeepseekV3Config(hidden_size=d, num_attention_heads=h, num_key_value_heads=h,
+                            q_lora_rank=lq, kv_lora_rank=lat, qk_nope_head_dim=kn,
+                            qk_rope_head_dim=r, v_head_dim=v, rope_parameters=yarn,
+                            rope_interleave=interleave, max_position_embeddings=32,
+                            attention_bias=False, rms_norm_eps=1e-6)
+  hf_cfg._attn_implementation = "eager"
+  torch.manual_seed(0)
+  layer_hf = hf.DeepseekV3Attention(hf_cfg, 0).double()
+  for prm in layer_hf.parameters():
+    torch.nn.init.normal_(prm, 0.0, 0.2)
+  x = np.random.RandomState(0).randn(1, t, d)
+  pos = torch.arange(t)[None] + 3
+  cos, sin = hf.DeepseekV3RotaryEmbedding(hf_cfg)(torch.tensor(x), pos)
+  causal = torch.full((t, t), float("-inf")).triu(1)[None, None].double()
+  want = layer_hf(torch.tensor(x), (cos.double(), sin.double()), causal)[0].detach().numpy()
+
+  cfg = model_cfg("", layers=1, num_heads=h, q_lora_rank=lq, rope_interleave=interleave,
+                  yarn=dict(factor=4.0, original_max_len=8, beta_fast=32.0, beta_slow=1.0,
+                            mscale=1.0, mscale_all_dim=1.0))
+  sd = {k: val.detach().numpy().astype(np.float32) for k, val in layer_hf.state_dict().items()}
+  params = {"params": {
+      "q_a_proj": sd["q_a_proj.weight"].T,
+      "q_a_layernorm": {"scale": sd["q_a_layernorm.weight"]},
+      "q_b_proj": sd["q_b_proj.weight"].T.reshape(lq, h, kn + r),
+      "kv_a_proj_with_mqa": sd["kv_a_proj_with_mqa.weight"].T,
+      "kv_a_layernorm": {"scale": sd["kv_a_layernorm.weight"]},
+      "kv_b_proj": sd["kv_b_proj.weight"].T.reshape(lat, h, kn + v),
+      "o_proj": sd["o_proj.weight"].T.reshape(h, v, d)}}
+  ones = jnp.ones((1, t), jnp.int32)
+  ctx = attention.Context(positions=jnp.asarray(pos.numpy(), jnp.int32), segment_ids=ones,
+                          sentence_ids=0 * ones, tokens=0 * ones)
+  got = mla.MLAttention(cfg.attention, cfg).apply(params, jnp.asarray(x, jnp.float32), ctx)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)

@@ -1,9 +1,16 @@
-"""Attention: the shared context, the masked softmax core, baseline MHA, and the
-factory that picks MHA or MLA(-3D) from the config.
+"""Attention: the shared context, the masked softmax core, baseline MHA, the
+factory that picks MHA or MLA(-3D) from the config, and decoding caches.
 
 Masking rule everywhere: a query attends to a key iff both lie in the same packed
 document (equal, non-zero `segment_ids`) and the key is not in the future
 (`kv_position <= q_position` in packed-row order).
+
+`attention.impl`: 'full' materialises the T x T logits (the reference);
+'blockwise' runs the online-softmax core of bookjax/model/blockwise.py (same
+numbers, memory linear in T). Decoding: `init_layer_cache` / `init_shared_cache`
+build a cache, the attention modules extend it when called with `cache=` and
+`shared=` (see `Transformer.extend`), and `cache_bytes_per_token` reports its size
+for any config.
 """
 from __future__ import annotations
 

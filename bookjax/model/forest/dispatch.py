@@ -497,5 +497,13 @@ BACKENDS = dict(sorted=sorted_dispatch, capacity=capacity_dispatch,
 
 
 def dispatch(kind: str, x_ND, route: Route, weights, specs, cfg, dt):
-  """Runs back-end `kind`; returns (y_ND in dt, DispatchInfo)."""
+  """Runs back-end `kind`; returns (y_ND in dt, DispatchInfo).
+
+  Under a mesh (`jax.set_mesh` + flax logical rules, as in the trainer) every
+  back-end but `dense_loop` runs expert-parallel (expert_parallel.py), with
+  `kind` choosing dropless or capacity buffers and the per-shard compute.
+  """
+  from bookjax.model.forest import expert_parallel  # pylint: disable=g-import-not-at-top
+  if kind == expert_parallel.BACKEND or expert_parallel.wanted(kind):
+    return expert_parallel.ep_dispatch(x_ND, route, weights, specs, cfg, dt)
   return BACKENDS[kind](x_ND, route, weights, specs, cfg, dt)

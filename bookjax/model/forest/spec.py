@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 TIER_NAMES = ("light", "deep", "super")
-DISPATCH_BACKENDS = ("sorted", "capacity", "ragged_dot", "dense_loop")
+DISPATCH_BACKENDS = ("sorted", "capacity", "ragged_dot", "dense_loop", "expert_parallel")
 SCORE_FNS = ("softmax", "sigmoid")
 TIER_FIELDS = ("num_experts", "d_ff", "depth", "top_k")
 
