@@ -95,9 +95,10 @@ def run_study(study_path: str, outdir: str, *, log: Callable[[str], None] = prin
   base = module.get_config(arg)
   pts = points_of(module)
   quick = bool(base.get("quick", False)) if quick_eval is None else quick_eval
-  study_cfg = ml_collections.ConfigDict(base.to_dict())
-  study_cfg.pop("quick", None)
-  study_cfg.pop("study", None)
+  raw = base.to_dict()
+  raw.pop("quick", None)
+  raw.pop("study", None)
+  study_cfg = ml_collections.ConfigDict(raw)
   for p in pts:  # validate everything before the first long run
     config_lib.validate(point_config(study_cfg, p))
   os.makedirs(outdir, exist_ok=True)

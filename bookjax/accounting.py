@@ -129,22 +129,51 @@ def _dummy_batch(seq_len: int = 4) -> dict[str, np.ndarray]:
               positions=np.arange(seq_len, dtype=np.int32)[None])
 
 
+def _block_kinds(model_cfg) -> tuple[int, int]:
+  """(dense blocks, routed blocks): blocks of one kind have identical variables."""
+  if model_cfg.ffn.kind != "forest":
+    return model_cfg.num_layers, 0
+  nd = min(model_cfg.num_dense_layers, model_cfg.num_layers)
+  return nd, model_cfg.num_layers - nd
+
+
 def abstract_variables(model_cfg, glyph=None, glyph_components: int = DEFAULT_GLYPH_COMPONENTS,
-                       fast_trace: bool = True):
+                       fast_trace: bool = True, dedupe_blocks: bool = True):
   """ShapeDtypeStructs of all variables (boxed with logical axes). Allocates nothing.
 
   fast_trace: trace the Expert Forest with the 'ragged_dot' dispatch back-end,
   which creates exactly the same parameters as the others but traces ~3x faster
   (nothing is lowered or run, so its CPU cost does not matter here).
+  dedupe_blocks: trace one block of each kind (dense FFN / routed FFN) and reuse
+  its variables for every block of that kind (a block's variables depend on its
+  index only through that kind); tests check this equals tracing every block.
   """
   if model_cfg.vocab_size < 1:
     raise ValueError("config.model.vocab_size: must be set (>= 1) to count parameters")
   if fast_trace and model_cfg.ffn.kind == "forest":
     model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     model_cfg.ffn.forest.dispatch = "ragged_dot"
-  model = build_model(model_cfg, glyph, glyph_components)
   batch = _dummy_batch()
-  return jax.eval_shape(lambda r: model.init(r, batch), jax.random.PRNGKey(0))
+  n_dense, n_routed = _block_kinds(model_cfg)
+  reps = min(n_dense, 1) + min(n_routed, 1)
+  if not dedupe_blocks or reps == model_cfg.num_layers:
+    model = build_model(model_cfg, glyph, glyph_components)
+    return jax.eval_shape(lambda r: model.init(r, batch), jax.random.PRNGKey(0))
+  small = ml_collections.ConfigDict(model_cfg.to_dict())
+  small.num_layers = reps
+  small.num_dense_layers = min(n_dense, 1) if model_cfg.ffn.kind == "forest" \
+      else model_cfg.num_dense_layers and 1
+  model = build_model(small, glyph, glyph_components)
+  reduced = jax.eval_shape(lambda r: model.init(r, batch), jax.random.PRNGKey(0))
+  source = [0] * n_dense + [min(n_dense, 1)] * n_routed   # full block -> reduced block
+  out = {}
+  for coll, tree in reduced.items():
+    full = {k: v for k, v in tree.items() if not k.startswith("block_")}
+    for i, j in enumerate(source):
+      if f"block_{j}" in tree:
+        full[f"block_{i}"] = tree[f"block_{j}"]
+    out[coll] = full
+  return out
 
 
 def _path_keys(path) -> tuple[str, ...]:
@@ -314,11 +343,13 @@ def account(config, *, name: str = "", num_devices: int = 256,
             mesh: Optional[Mapping[str, int]] = None, mesh_rules: Sequence = (),
             flops_seq_len: int = 4096, kv_seq_len: int = 131072,
             cache_dtype: str = "bfloat16", glyph=None,
-            glyph_components: int = DEFAULT_GLYPH_COMPONENTS, variables=None) -> Report:
+            glyph_components: int = DEFAULT_GLYPH_COMPONENTS, variables=None,
+            dedupe_blocks: bool = True) -> Report:
   """Every figure of the report for a config (full config or model section).
 
   mesh: sizes per mesh axis (one may be -1); default the config's `mesh`, else
   all devices on `data`. variables: precomputed `abstract_variables` (optional).
+  dedupe_blocks: see `abstract_variables` (False traces every block).
   """
   model_cfg = _model_cfg(config)
   if mesh is None:
@@ -326,7 +357,8 @@ def account(config, *, name: str = "", num_devices: int = 256,
   if not mesh_rules and "mesh_rules" in config:
     mesh_rules = config.mesh_rules
   if variables is None:
-    variables = abstract_variables(model_cfg, glyph, glyph_components)
+    variables = abstract_variables(model_cfg, glyph, glyph_components,
+                                   dedupe_blocks=dedupe_blocks)
   leaves = param_leaves(variables)
 
   by_comp = {c: 0 for c in COMPONENTS}

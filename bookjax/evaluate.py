@@ -35,6 +35,26 @@ class Scorer(Protocol):
 # The model scorer
 # =================================================================================
 
+_FORWARD_CACHE: dict[int, tuple] = {}
+
+
+def log_probs_fn(model):
+  """A jitted `(variables, batch) -> (log_probs_BTV, router_stats)` shared by every
+  evaluator of the same model, so each (model, batch shape) compiles once."""
+  hit = _FORWARD_CACHE.get(id(model))
+  if hit is not None and hit[0] is model:
+    return hit[1]
+
+  def forward(variables, batch):
+    logits, aux = model.apply(variables, batch, mutable=["losses", "router_stats"])
+    return jax.nn.log_softmax(logits, axis=-1), aux.get("router_stats", {})
+
+  fn = jax.jit(forward)
+  _FORWARD_CACHE.clear()  # keep one model alive at most
+  _FORWARD_CACHE[id(model)] = (model, fn)
+  return fn
+
+
 class LMScorer:
   """Scores text with a bookjax Transformer (left-truncated to `seq_len`).
 
@@ -45,16 +65,12 @@ class LMScorer:
     self.model, self.variables, self.tok = model, variables, tokenizer
     self.seq_len, self.batch_size = seq_len, batch_size
 
-    def forward(variables, batch):
-      logits, _ = model.apply(variables, batch, mutable=["losses", "router_stats"])
-      return jax.nn.log_softmax(logits, axis=-1)
-
-    self._forward = jax.jit(forward)
+    self._forward = log_probs_fn(model)
 
   def _rows(self, id_lists: list[list[int]], cont_lens: list[int]):
     """Packs one example per row: inputs/targets, weights on continuation targets."""
     t = self.seq_len
-    n = len(id_lists)
+    n = self.batch_size  # fixed shape: unused rows stay padding (no recompiles)
     b = dict(inputs=np.zeros((n, t), np.int32), targets=np.zeros((n, t), np.int32),
              weights=np.zeros((n, t), np.float32), segment_ids=np.zeros((n, t), np.int32),
              positions=np.zeros((n, t), np.int32), sentence_ids=np.zeros((n, t), np.int32),
@@ -74,7 +90,8 @@ class LMScorer:
     return b, last
 
   def _run(self, batch):
-    return np.asarray(self._forward(self.variables, {k: jnp.asarray(v) for k, v in batch.items()}))
+    logp, _ = self._forward(self.variables, {k: jnp.asarray(v) for k, v in batch.items()})
+    return np.asarray(logp)
 
   def logprobs(self, prompts, continuations) -> np.ndarray:
     out = np.zeros(len(prompts), np.float64)
@@ -88,7 +105,7 @@ class LMScorer:
       batch, _ = self._rows(ids, clen)
       logp = self._run(batch)
       tok_lp = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-      out[s:s + len(ps)] = (tok_lp * batch["weights"]).sum(-1)
+      out[s:s + len(ps)] = (tok_lp * batch["weights"]).sum(-1)[:len(ps)]
     return out
 
   def greedy(self, prompts, num_tokens: int) -> list[str]:
@@ -100,7 +117,7 @@ class LMScorer:
         rows = [x + g + [0] for x, g in zip(ids, gen)]  # dummy target for the last slot
         batch, last = self._rows(rows, [1] * len(rows))
         logp = self._run(batch)
-        nxt = logp[np.arange(len(rows)), last].argmax(-1)
+        nxt = logp[np.arange(len(rows)), last[:len(rows)]].argmax(-1)
         for g, t in zip(gen, nxt):
           g.append(int(t))
       outs.extend(self.tok.decode(g) for g in gen)
@@ -111,8 +128,21 @@ class LMScorer:
 # Bits per character
 # =================================================================================
 
+def stratified_batches(docs, tokenizer, *, seq_len: int, batch_size: int,
+                       per_domain: int | None) -> list[dict]:
+  """Eval batches domain by domain, at most `per_domain` each (None: all), so every
+  domain is measured even when the set is capped."""
+  out = []
+  for name in corpus.DOMAINS:
+    dom = [d for d in docs if d.domain == name]
+    if dom:
+      out.extend(pipeline.make_eval_batches(dom, tokenizer, seq_len=seq_len,
+                                            batch_size=batch_size, max_batches=per_domain))
+  return out
+
+
 def bits_per_char(model, variables, docs, tokenizer, *, seq_len: int, batch_size: int,
-                  rare_threshold: int = 10, train_docs=None, max_batches=None) -> dict:
+                  rare_threshold: int = 10, train_docs=None, per_domain_batches=None) -> dict:
   """Bits/char per domain and overall; with `train_docs`, also on rare characters.
 
   Rare: characters seen fewer than `rare_threshold` times in `train_docs`
@@ -121,34 +151,30 @@ def bits_per_char(model, variables, docs, tokenizer, *, seq_len: int, batch_size
   rare_V = None
   if train_docs is not None:
     rare_V = rare_token_mask(train_docs, tokenizer, rare_threshold)
-
-  def step(variables, batch):
-    logits, _ = model.apply(variables, batch, mutable=["losses", "router_stats"])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * batch["weights"]
-    onehot = jax.nn.one_hot(batch["domain"], len(corpus.DOMAINS))
-    out = dict(nll=jnp.einsum("bt,btd->d", nll, onehot),
-               chars=jnp.einsum("bt,btd->d", batch["chars"], onehot))
+  forward = log_probs_fn(model)
+  n_dom = len(corpus.DOMAINS)
+  nll_D, chars_D = np.zeros(n_dom), np.zeros(n_dom)
+  rare_nll = rare_chars = 0.0
+  for b in stratified_batches(docs, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                              per_domain=per_domain_batches):
+    logp, _ = forward(variables, {k: jnp.asarray(v) for k, v in b.items()})
+    tok_lp = jnp.take_along_axis(logp, jnp.asarray(b["targets"])[..., None], -1)[..., 0]
+    nll = -np.asarray(tok_lp, np.float64) * b["weights"]
+    ok = b["domain"] >= 0
+    np.add.at(nll_D, b["domain"][ok], nll[ok])
+    np.add.at(chars_D, b["domain"][ok], b["chars"][ok])
     if rare_V is not None:
-      rare = jnp.asarray(rare_V)[batch["targets"]]
-      out["rare_nll"] = jnp.sum(nll * rare)
-      out["rare_chars"] = jnp.sum(batch["chars"] * rare)
-    return out
-
-  step = jax.jit(step)
-  tot = None
-  for b in pipeline.make_eval_batches(docs, tokenizer, seq_len=seq_len, batch_size=batch_size,
-                                      max_batches=max_batches):
-    o = jax.device_get(step(variables, {k: jnp.asarray(v) for k, v in b.items()}))
-    tot = o if tot is None else jax.tree.map(np.add, tot, o)
+      rare = rare_V[b["targets"]]
+      rare_nll += float((nll * rare).sum())
+      rare_chars += float((b["chars"] * rare).sum())
   res = {}
   for i, name in enumerate(corpus.DOMAINS):
-    if tot["chars"][i] > 0:
-      res[name] = float(tot["nll"][i] / LN2 / tot["chars"][i])
-  res["overall"] = float(tot["nll"].sum() / LN2 / max(tot["chars"].sum(), 1.0))
-  if rare_V is not None and tot["rare_chars"] > 0:
-    res["rare"] = float(tot["rare_nll"] / LN2 / tot["rare_chars"])
-    res["rare_chars"] = float(tot["rare_chars"])
+    if chars_D[i] > 0:
+      res[name] = float(nll_D[i] / LN2 / chars_D[i])
+  res["overall"] = float(nll_D.sum() / LN2 / max(chars_D.sum(), 1.0))
+  if rare_V is not None and rare_chars > 0:
+    res["rare"] = rare_nll / LN2 / rare_chars
+    res["rare_chars"] = rare_chars
   return res
 
 
@@ -372,21 +398,62 @@ def routing_analytics(model, variables, docs, tokenizer, *, seq_len: int, batch_
   domain, mutual information (bits) between corpus domain and the level-1 domain
   router's choice, and activated parameters per token. Empty for dense models.
   """
-  from bookjax.model import forest  # pylint: disable=g-import-not-at-top
-
-  def step(variables, batch):
-    _, aux = model.apply(variables, batch, mutable=["losses", "router_stats"])
-    return aux.get("router_stats", {})
-
-  step = jax.jit(step)
-  total = None
-  for b in pipeline.make_eval_batches(docs, tokenizer, seq_len=seq_len, batch_size=batch_size,
-                                      max_batches=max_batches):
-    s = jax.device_get(step(variables, {k: jnp.asarray(v) for k, v in b.items()}))
+  forward = log_probs_fn(model)
+  total, n = None, 0
+  per = None if max_batches is None else max(1, max_batches // len(corpus.DOMAINS))
+  for b in stratified_batches(docs, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                              per_domain=per):
+    s = jax.device_get(forward(variables, {k: jnp.asarray(v) for k, v in b.items()})[1])
     total = s if total is None else jax.tree.map(np.add, total, s)
+    n += 1
   if not total:
     return {}
-  return forest.analyze_router_stats(total)
+  return analyze_router_stats(total, n)
+
+
+def _layers_stats(stats) -> dict[str, dict[str, np.ndarray]]:
+  """Flattens the 'router_stats' tree to {layer path: {stat name: value}}."""
+  out: dict[str, dict[str, np.ndarray]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(stats)[0]:
+    keys = [getattr(p, "key", None) for p in path]
+    keys = [k for k in keys if isinstance(k, str)]
+    out.setdefault("/".join(keys[:-1]), {})[keys[-1]] = np.asarray(leaf, np.float64)
+  return out
+
+
+def mutual_information_bits(joint_CM: np.ndarray) -> float:
+  """I(C; M) in bits of a (possibly unnormalised) joint count table."""
+  p = joint_CM / max(joint_CM.sum(), 1e-12)
+  pc, pm = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+  nz = p > 0
+  return float(np.sum(p[nz] * np.log2(p[nz] / (pc @ pm)[nz])))
+
+
+def analyze_router_stats(stats, num_batches: int = 1) -> dict:
+  """Routing analytics per forest layer from 'router_stats' summed over batches.
+
+  Loads are sums (kept as sums); ratios and means are divided by `num_batches`.
+  """
+  res = {}
+  for layer, st in _layers_stats(stats).items():
+    row = {}
+    for k, v in st.items():
+      if k.startswith("load_") and not k.startswith("load_target_") and v.size > 1:
+        row[f"load_cv_{k[5:]}"] = float(v.std() / max(v.mean(), 1e-12))
+        row[f"load_{k[5:]}"] = v.tolist()
+    for k in ("tier_usage", "tier_usage_by_domain", "domain_usage"):
+      if k in st:
+        row[k] = (st[k] / num_batches).tolist()
+    for k in ("activated_params_mean", "drop_rate", "compute_ratio"):
+      if k in st:
+        row[k] = float(st[k] / num_batches)
+    if "activated_params_max" in st:
+      row["activated_params_max"] = float(st["activated_params_max"] / num_batches)
+    if "domain_joint" in st:
+      row["domain_router_mi_bits"] = mutual_information_bits(st["domain_joint"])
+      row["domain_joint"] = st["domain_joint"].tolist()
+    res[layer] = row
+  return res
 
 
 # =================================================================================
@@ -425,7 +492,8 @@ def evaluate_workdir(workdir: str, *, quick: bool = False, split: str = "test") 
   docs = splits[split]
   scorer = LMScorer(model, variables, tok, seq_len=seq_len, batch_size=bs)
   res = dict(bpc=bits_per_char(model, variables, docs, tok, seq_len=seq_len, batch_size=bs,
-                               train_docs=splits["train"], max_batches=4 if quick else None))
+                               train_docs=splits["train"],
+                               per_domain_batches=1 if quick else 12))
   res["poetry"] = score_choices(scorer, poetry_items(docs, max_items=16 if quick else 200))
   ce = builtin_ceval(docs, num_questions=8 if quick else 60)
   dev = builtin_ceval(splits["validation"], num_questions=5, seed=1)
@@ -436,7 +504,7 @@ def evaluate_workdir(workdir: str, *, quick: bool = False, split: str = "test") 
       L for L in (64, 128, 256, 512) if L <= seq_len - 16)
   res["passkey"] = passkey_eval(scorer, docs, lengths=lengths, trials=2 if quick else 8)
   res["routing"] = routing_analytics(model, variables, docs, tok, seq_len=seq_len,
-                                     batch_size=bs, max_batches=2 if quick else 8)
+                                     batch_size=bs, max_batches=4 if quick else 16)
   with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
     json.dump(res, f, indent=2, ensure_ascii=False)
   return res

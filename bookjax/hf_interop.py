@@ -264,7 +264,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> ml_collections.ConfigDict:
   f.route_scale = float(g("routed_scaling_factor"))
   f.num_shared = 1 if n_shared > 0 else 0
   f.shared_d_ff = n_shared * moe_ff if n_shared > 0 else moe_ff
-  f.compute_loss_weight = 0.0
+  f.compute_loss_weight = 0.0        # one tier: nothing to balance across tiers
+  f.balance_loss_weight = 1e-4       # DeepSeek-V3's sequence-wise alpha
+  f.z_loss_weight = 0.0              # DeepSeek-V3 uses none
   config_lib.validate_model(m)
   return c
 
@@ -596,7 +598,7 @@ def _load_entry(reader: CheckpointReader, e: Entry, shape: tuple[int, ...], dtyp
     w = reader.get(name, dtype=dtype)
     x = np.ascontiguousarray(w.T).reshape(shape)
   else:
-    n_exp, _, rows, cols = shape
+    n_exp = shape[0]
     x = np.empty(shape, dtype)
     layout = _expert_layout(reader, e.hf)
     for k in range(n_exp):
@@ -611,7 +613,6 @@ def _load_entry(reader: CheckpointReader, e: Entry, shape: tuple[int, ...], dtyp
         w = gu[:f] if e.kind == "gate" else gu[f:]
       x[k, 0] = w.T
       del w
-    del rows, cols
   if x.shape != tuple(shape):
     raise UnsupportedCheckpointError(
         f"{e.hf}: shape {x.shape} does not fit bookjax {'/'.join(e.path)} {tuple(shape)}")

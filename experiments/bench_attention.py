@@ -44,7 +44,7 @@ _CONTEXTS = flags.DEFINE_list("decode_contexts", ["1024", "4096", "16384"],
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 16, "Timed decode steps per context.")
 _SEQS = flags.DEFINE_list("train_seqs", ["2048", "8192", "32768"],
                           "Forward+backward sequence lengths.")
-_BLOCK = flags.DEFINE_integer("block_size", 512, "Blockwise attention block size.")
+_BLOCK = flags.DEFINE_integer("block_size", 256, "Blockwise attention block size.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 6000, "Vocabulary of the tiny model.")
 _MAX_EXEC_GB = flags.DEFINE_float("max_exec_gb", 8.0,
                                   "Only run (time) a fwd+bwd whose compiled peak is below this.")

@@ -25,6 +25,8 @@ _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float3
 _GLYPH_COMPONENTS = flags.DEFINE_integer("glyph_components", 1024,
                                          "Glyph component-table size assumed for counting.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
+_TRACE_ALL = flags.DEFINE_bool("trace_all_blocks", False,
+                               "Trace every block instead of one per kind (slower, same result).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -36,7 +38,8 @@ def main(argv):
   report = accounting.account(
       _CONFIG.value, name=name, num_devices=_NUM_DEVICES.value, mesh=mesh,
       flops_seq_len=_FLOPS_SEQ_LEN.value, kv_seq_len=_KV_SEQ_LEN.value,
-      cache_dtype=_CACHE_DTYPE.value, glyph_components=_GLYPH_COMPONENTS.value)
+      cache_dtype=_CACHE_DTYPE.value, glyph_components=_GLYPH_COMPONENTS.value,
+      dedupe_blocks=not _TRACE_ALL.value)
   print(accounting.format_report(report), flush=True)
   if _JSON_OUT.value:
     accounting.write_json(report, _JSON_OUT.value)

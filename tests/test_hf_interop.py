@@ -6,12 +6,16 @@ Tests that need torch / transformers skip cleanly without the `hf` extra.
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from bookjax import accounting, config_lib, hf_interop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
@@ -335,3 +339,26 @@ def test_save_load_bookjax_and_export_from_it(tmp_path):
   out = str(tmp_path / "hf")
   hf_interop.export_checkpoint(c2, p2, b2, out)
   assert tree_equal(hf_interop.import_checkpoint(out).params, params)
+
+
+def test_export_from_a_training_workdir(tmp_path):
+  """convert_hf --mode=export reads a trainer workdir (config.json + orbax checkpoints)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bookjax import train  # pylint: disable=g-import-not-at-top
+  config, params, bias = random_bookjax_model()
+  workdir = str(tmp_path / "wd")
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  p = jax.tree.map(jnp.asarray, params)
+  tx = train.make_optimizer(config.train)
+  state = train.TrainState(step=jnp.array(3, jnp.int32), params=p, opt_state=tx.init(p),
+                           router_bias=jax.tree.map(jnp.asarray, bias))
+  train.save_checkpoint(train.make_checkpoint_manager(workdir, config.train), state, {"pos": 0})
+  out = str(tmp_path / "hf")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "convert_hf.py"), "--mode=export",
+         f"--bookjax_dir={workdir}", f"--out={out}", "--expert_layout=fused"]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-3000:]
+  imp = hf_interop.import_checkpoint(out)
+  assert tree_equal(imp.params, params) and tree_equal(imp.router_bias, bias)

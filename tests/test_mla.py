@@ -303,44 +303,53 @@ def _core_inputs(shared_keys: bool, memory: bool, seed=0):
   return q, k, sem, spec
 
 
-@pytest.mark.parametrize("shared_keys,memory", [(False, False), (True, True)])
+@pytest.mark.parametrize("shared_keys,memory", [
+    (True, True), pytest.param(False, False, marks=pytest.mark.slow)])
 def test_blockwise_equals_full_values_and_gradients(shared_keys, memory):
+  """The core alone: every logit term on, packed segments, padding, ragged blocks."""
   q, k, sem, spec = _core_inputs(shared_keys, memory)
   cot = jnp.asarray(np.random.RandomState(9).randn(*q.main.shape[:3], k.value.shape[-1]),
                     jnp.float32)
+  floats = lambda x: (x.main, x.rope, x.extra) + ((x.value,) if isinstance(x, blockwise.Keys) else ())
 
-  def loss(fn, q, k, sem):
-    return jnp.sum(fn(q, k, spec, sem) * cot)
+  def run(fn):
+    def loss(qf, kf, sem):
+      out = fn(q.replace(main=qf[0], rope=qf[1], extra=qf[2]),
+               k.replace(main=kf[0], rope=kf[1], extra=kf[2], value=kf[3]), spec, sem)
+      return jnp.sum(out * cot), out
+    return jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(floats(q), floats(k), sem)
 
-  full = lambda q, k, s, sem: blockwise.full(q, k, s, sem)
-  blk = lambda q, k, s, sem: blockwise.blockwise(q, k, s, sem, block_q=4, block_k=6)
-  np.testing.assert_allclose(np.asarray(blk(q, k, spec, sem)), np.asarray(full(q, k, spec, sem)),
-                             atol=1e-5)
-  argnums = (0, 1, 2)
-  g_full = jax.jit(jax.grad(lambda *a: loss(full, *a), argnums, allow_int=True))(q, k, sem)
-  g_blk = jax.jit(jax.grad(lambda *a: loss(blk, *a), argnums, allow_int=True))(q, k, sem)
+  g_full, out_full = run(blockwise.full)
+  g_blk, out_blk = run(lambda q, k, s, sem: blockwise.blockwise(q, k, s, sem, 4, 6))
+  np.testing.assert_allclose(np.asarray(out_blk), np.asarray(out_full), atol=1e-5)
   for x, y in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_blk)):
-    if jnp.issubdtype(x.dtype, jnp.floating):
-      np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4)
 
 
-def test_blockwise_model_gradients_match_full():
+def test_blockwise_layer_gradients_match_full():
+  """An MLA-3D layer (all dimensions, memory, per-head expanded keys), packed rows:
+  blockwise == full in values and in the gradients of every parameter and input."""
   batch = packed_batch(t=17, seed=4)
-  cfg_full = model_cfg(ALL_DIMS, memory=True, layers=1)
-  cfg_blk = model_cfg(ALL_DIMS, impl="blockwise", memory=True, layers=1)
-  model, params = build(cfg_full, batch, seed=4)
-  model_blk = transformer.Transformer(cfg_blk, glyph=glyph_features())
-  tgt = jnp.roll(batch["inputs"], -1, axis=1)
+  ctx = attention.Context(*(jnp.asarray(batch[k]) for k in
+                            ("positions", "segment_ids", "sentence_ids", "inputs")))
+  x = jnp.asarray(np.random.RandomState(4).randn(2, 17, 32), jnp.float32)
+  cot = jnp.asarray(np.random.RandomState(5).randn(2, 17, 32), jnp.float32) * valid(batch)[..., None]
+  layers_ = [mla.MLAttention(model_cfg(ALL_DIMS, impl=i, memory=True, layers=1).attention,
+                             model_cfg(ALL_DIMS, impl=i, memory=True, layers=1),
+                             glyph=glyph_features()) for i in ("full", "blockwise")]
+  params = random_params(layers_[0], x, ctx, seed=4)
 
-  def loss(m, p):
-    logp = jax.nn.log_softmax(m.apply(p, batch))
-    return -jnp.mean(jnp.take_along_axis(logp, tgt[..., None], -1) * valid(batch)[..., None])
+  def run(layer):
+    def loss(p, x):
+      y = layer.apply(p, x, ctx)
+      return jnp.sum(y * cot), y
+    return jax.jit(jax.grad(loss, (0, 1), has_aux=True))(params, x)
 
-  lf, gf = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
-  lb, gb = jax.jit(jax.value_and_grad(lambda p: loss(model_blk, p)))(params)
-  np.testing.assert_allclose(float(lb), float(lf), rtol=1e-6)
-  for x, y in zip(jax.tree.leaves(gf), jax.tree.leaves(gb)):
-    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-6, rtol=1e-4)
+  (gf, yf), (gb, yb) = run(layers_[0]), run(layers_[1])
+  m = valid(batch)
+  np.testing.assert_allclose(np.asarray(yb)[m], np.asarray(yf)[m], atol=1e-5)
+  for x_, y_ in zip(jax.tree.leaves(gf), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(y_), np.asarray(x_), atol=2e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------
@@ -575,3 +584,17 @@ def test_matches_hf_deepseek_v3_attention(interleave):
                           sentence_ids=0 * ones, tokens=0 * ones)
   got = mla.MLAttention(cfg.attention, cfg).apply(params, jnp.asarray(x, jnp.float32), ctx)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_glyph_keys_via_vocabulary_table_match_per_token():
+  cfg = model_cfg("glyph", layers=1)
+  batch = packed_batch()
+  ctx = attention.Context(*(jnp.asarray(batch[k]) for k in
+                            ("positions", "segment_ids", "sentence_ids", "inputs")))
+  layer = mla.MLAttention(cfg.attention, cfg, glyph=glyph_features())
+  params = random_params(layer, jnp.zeros((2, 14, 32)), ctx)
+  tokens = jnp.asarray(np.r_[np.arange(VOCAB), [VOCAB + 3]])[None]  # one id past the table
+  per_token, via_vocab = (layer.apply(params, tokens, v, method=lambda m, t, v: m._glyph_keys(t, v))
+                          for v in (False, True))
+  np.testing.assert_allclose(np.asarray(via_vocab), np.asarray(per_token), atol=1e-6)
+  assert float(jnp.abs(per_token[0, -1]).max()) == 0.0  # unknown id: no glyph key

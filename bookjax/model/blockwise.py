@@ -17,19 +17,27 @@ token) with key row index <= query row index, or `kind == 1` (a semantic memory
 slot) with key sentence < query sentence. `kind == -1` keys are never attended.
 Fully masked rows give zeros.
 
-Blockwise: queries are processed in blocks by `lax.map`; each query block scans
-the key blocks with a running (max m, normaliser l, accumulator acc):
+Blockwise (flash-attention style, a custom VJP): queries are processed in blocks;
+each query block loops (`fori_loop`) over only the key blocks it needs (a key block
+whose valid keys all lie after the query block is never visited) with a running
+(max m, normaliser l, accumulator acc):
 
   m' = max(m, max_s z),  p = exp(z - m'),  l' = l e^(m-m') + Σ_s p,
-  acc' = acc e^(m-m') + p v,   out = acc / l.
+  acc' = acc e^(m-m') + p v,   out = acc / l,   lse = m + ln l.
 
-Key blocks that lie wholly after the query block are skipped (`lax.cond`). Both
-loop bodies are `jax.checkpoint`ed, so the backward pass keeps O(T) residuals
-(per query block: one (m, l, acc) per key block) and never a T x T array.
+Only (inputs, out, lse) are saved. The backward pass recomputes each needed block
+pair's probabilities p = exp(z - lse) and applies
+
+  dV = pᵀ dO,  dP = dO Vᵀ,  dZ = p ⊙ (dP - rowsum(dO ⊙ O)),
+
+then the score function's own VJP maps dZ to the query, key and semantic-bias
+gradients; dq is a per-block carry, dk / dv / d_sem full-size carries updated in
+place. Memory is O(T) (never a T x T array); compute skips the masked half.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -175,14 +183,6 @@ def _split_blocks(tree, block: int):
   return jax.tree.map(split, tree)
 
 
-def _skippable(q: Queries, k: Keys):
-  """True when every valid key of the block lies after every query of the block."""
-  k_ok = (k.seg > 0) & (k.kind >= 0)
-  kmin = jnp.min(jnp.where(k_ok, k.idx, _BIG))
-  qmax = jnp.max(jnp.where(q.seg > 0, q.idx, -1))
-  return kmin > qmax
-
-
 def _online_step(carry, q: Queries, k: Keys, spec: Spec, sem_HN):
   """One key block of the online softmax. carry: m, l [B,H,Tq]; acc [B,Tq,H,V] f32."""
   m, l, acc = carry
@@ -196,29 +196,146 @@ def _online_step(carry, q: Queries, k: Keys, spec: Spec, sem_HN):
   return m_new, l_new, acc_new
 
 
+def _floats(x):
+  """The differentiable fields: (main, rope, extra) of Queries, + value for Keys."""
+  if isinstance(x, Keys):
+    return (x.main, x.rope, x.extra, x.value)
+  return (x.main, x.rope, x.extra)
+
+
+def _with_floats(x, f):
+  if isinstance(x, Keys):
+    return x.replace(main=f[0], rope=f[1], extra=f[2], value=f[3])
+  return x.replace(main=f[0], rope=f[1], extra=f[2])
+
+
+def _index(tree, j):
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False), tree)
+
+
+def _add_at(tree, j, delta):
+  """tree[j] += delta along the leading axis (dynamic-update-slice, no scatter)."""
+  def upd(x, d):
+    if d is None:
+      return x
+    cur = jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(x, cur + d.astype(x.dtype), j, 0)
+  return jax.tree.map(upd, tree, delta, is_leaf=lambda x: x is None)
+
+
+def _block_plan(qb: Queries, kb: Keys):
+  """Which key blocks each query block needs: order [Nq, Nk] (needed ones first, in
+  key order) and count [Nq]. A key block is skipped when every valid key in it lies
+  after every query of the block (row index), for the whole batch."""
+  qmax = jnp.max(jnp.where(qb.seg > 0, qb.idx, -1), axis=(1, 2))
+  k_ok = (kb.seg > 0) & (kb.kind >= 0)
+  kmin = jnp.min(jnp.where(k_ok, kb.idx, _BIG), axis=(1, 2))
+  need = kmin[None, :] <= qmax[:, None]
+  order = jnp.argsort(jnp.logical_not(need), axis=1, stable=True).astype(jnp.int32)
+  return order, jnp.sum(need, axis=1).astype(jnp.int32)
+
+
+def _flash_forward(spec: Spec, qb: Queries, kb: Keys, sem_HN):
+  """Blocked inputs [N, B, blk, ...] -> out [Nq, B, bq, H, V] f32, lse [Nq, B, H, bq]."""
+  _, b, bq, h = qb.main.shape[:4]
+  v_dim = kb.value.shape[-1]
+  order, count = _block_plan(qb, kb)
+
+  def q_block(xs):
+    qi, order_i, count_i = xs
+    body = lambda n, c: _online_step(c, qi, _index(kb, order_i[n]), spec, sem_HN)
+    init = (jnp.full((b, h, bq), NEG_INF, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
+            jnp.zeros((b, bq, h, v_dim), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, count_i, body, init)
+    safe_l = jnp.where(l > 0, l, 1.0)
+    out = acc / jnp.swapaxes(safe_l, 1, 2)[..., None]
+    return out, m + jnp.log(safe_l)
+
+  return jax.lax.map(q_block, (qb, order, count))
+
+
+def _flash_block_grads(spec: Spec, qi: Queries, ki: Keys, sem_HN, do_i, lse_i, dd_i):
+  """Gradients of one (query block, key block) pair, recomputing p from the lse.
+
+  p = exp(z - lse); dV = pᵀ dO; dP = dO Vᵀ; dZ = p ⊙ (dP - rowsum(dO ⊙ O));
+  the score function's own VJP maps dZ to the query / key / bias gradients.
+  """
+  z_fn = lambda qf, kf, s: logits(_with_floats(qi, qf), _with_floats(ki, kf + (ki.value,)),
+                                  spec, s)
+  z, z_vjp = jax.vjp(z_fn, _floats(qi), _floats(ki)[:3], sem_HN)
+  msk = mask(qi, ki, spec)
+  p = jnp.where(msk, jnp.exp(z - lse_i[..., None]), 0.0)
+  _, v_vjp = jax.vjp(lambda p_, v_: _attend_values(p_, ki.replace(value=v_)), p, ki.value)
+  dp, dv = v_vjp(do_i)
+  dz = p * (dp - dd_i[..., None])
+  dq, dk, dsem = z_vjp(dz)
+  return dq, dk + (dv,), dsem
+
+
+def _zeros_like_floats(fields):
+  return tuple(None if x is None else jnp.zeros(x.shape, jnp.float32) for x in fields)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(spec: Spec, qb: Queries, kb: Keys, sem_HN):
+  return _flash_forward(spec, qb, kb, sem_HN)[0]
+
+
+def _flash_fwd(spec, qb, kb, sem_HN):
+  out, lse = _flash_forward(spec, qb, kb, sem_HN)
+  return out, (qb, kb, sem_HN, out, lse)
+
+
+def _flash_bwd(spec, res, d_out):
+  """Scans query blocks; for each, loops over the key blocks it needs, accumulating
+  dq (small carry) and dk, dv, d_sem (full-size carries, updated in place)."""
+  qb, kb, sem_HN, out, lse = res
+  dd = jnp.swapaxes(jnp.sum(d_out * out, axis=-1), 2, 3)  # rowsum(dO ⊙ O): [Nq, B, H, bq]
+  order, count = _block_plan(qb, kb)
+  sem0 = None if sem_HN is None else jnp.zeros(sem_HN.shape, jnp.float32)
+
+  def q_step(carry, xs):
+    qi, do_i, lse_i, dd_i, order_i, count_i = xs
+
+    def k_step(n, c):
+      dq_i, dk_all, dsem = c
+      j = order_i[n]
+      dq, dk, ds = _flash_block_grads(spec, qi, _index(kb, j), sem_HN, do_i, lse_i, dd_i)
+      dq_i = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), dq_i, dq)
+      dsem = None if dsem is None else dsem + ds
+      return dq_i, _add_at(dk_all, j, dk), dsem
+
+    dk_all, dsem = carry
+    init = (_zeros_like_floats(_floats(qi)), dk_all, dsem)
+    dq_i, dk_all, dsem = jax.lax.fori_loop(0, count_i, k_step, init)
+    return (dk_all, dsem), dq_i
+
+  dk0 = _zeros_like_floats(_floats(kb))
+  (dk_all, dsem), dq = jax.lax.scan(q_step, (dk0, sem0), (qb, d_out, lse, dd, order, count))
+  cast = lambda g, x: None if g is None else g.astype(x.dtype)
+  dq = _with_floats(jax.tree.map(lambda _: None, qb), tuple(map(cast, dq, _floats(qb))))
+  dk = _with_floats(jax.tree.map(lambda _: None, kb), tuple(map(cast, dk_all, _floats(kb))))
+  return dq, dk, None if dsem is None else dsem.astype(sem_HN.dtype)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def blockwise(q: Queries, k: Keys, spec: Spec, sem_HN=None, block_q: int = 128,
               block_k: int = 128):
-  """Same result as `full` with O(T) memory. Returns [B, T, H, V] (value dtype)."""
+  """Same result as `full` with O(T) memory. Returns [B, T, H, V] (value dtype).
+
+  A custom VJP (flash-attention style): the forward keeps only the output and
+  the per-row log-sum-exp; the backward recomputes each block's probabilities.
+  """
   b, t, h = q.main.shape[:3]
   v_dim = k.value.shape[-1]
   bq, bk = min(block_q, t), min(block_k, k.main.shape[1])
   kb = _split_blocks(_pad_time(k, bk), bk)
   qb = _split_blocks(_pad_time(q, bq), bq)
-
-  def q_block(qi: Queries):
-    def body(carry, ki: Keys):
-      step = lambda c: _online_step(c, qi, ki, spec, sem_HN)
-      return jax.lax.cond(_skippable(qi, ki), lambda c: c, step, carry), None
-
-    init = (jnp.full((b, h, bq), NEG_INF, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
-            jnp.zeros((b, bq, h, v_dim), jnp.float32))
-    (_, l, acc), _ = jax.lax.scan(jax.checkpoint(body), init, kb)
-    l = jnp.swapaxes(l, 1, 2)[..., None]
-    return (acc / jnp.where(l > 0, l, 1.0)).astype(k.value.dtype)
-
-  out = jax.lax.map(jax.checkpoint(q_block), qb)          # [Nq, B, bq, H, V]
+  out = _flash(spec, qb, kb, sem_HN)                     # [Nq, B, bq, H, V]
   out = jnp.moveaxis(out, 0, 1).reshape((b, -1, h, v_dim))
-  return out[:, :t]
+  return out[:, :t].astype(k.value.dtype)
 
 
 def attend(q: Queries, k: Keys, spec: Spec, sem_HN=None, impl: str = "full",

@@ -113,14 +113,13 @@ class GlyphEncoder(nn.Module):
   """
   embed_dim: int
   glyph: Mapping[str, Any]
-  init_std: float = 0.02
   param_dtype: str = "float32"
   eps: float = 1e-6
 
   @nn.compact
   def __call__(self, tokens_BT):
     g, e, pdt = self.glyph, self.embed_dim, layers.dtype_of(self.param_dtype)
-    init = nn.initializers.normal(self.init_std * 50)  # O(1) before the norm
+    init = nn.initializers.normal(1.0)  # embedding-like tables (RMS-normed after the sum)
     comp_tab = layers.param_with_axes(self, "component_embed", init,
                                       (int(g["num_components"]), e),
                                       ("glyph_components", "glyph"), pdt)
@@ -210,8 +209,7 @@ class MLAttention(nn.Module):
                          "the model with glyph=GlyphTable.feature_arrays(max_components=4)")
       gc = a.glyph
       hg = num_dim_heads(gc.num_heads, h)
-      self.glyph_encoder = GlyphEncoder(gc.embed_dim, self.glyph, m.init_std, m.param_dtype,
-                                        m.rms_eps)
+      self.glyph_encoder = GlyphEncoder(gc.embed_dim, self.glyph, m.param_dtype, m.rms_eps)
       self.glyph_q_proj = w("glyph_q_proj", (d, hg, gc.head_dim),
                             ("embed", "glyph_heads", "glyph_head_dim"))
       self.glyph_q_glyph_proj = w("glyph_q_glyph_proj", (gc.embed_dim, hg, gc.head_dim),
@@ -300,11 +298,22 @@ class MLAttention(nn.Module):
       parts.append(jnp.pad(qc, ((0, 0), (0, 0), (h - qc.shape[2], 0), (0, 0))))
     return jnp.concatenate(parts, axis=-1) if parts else None
 
-  def _extra_key(self, tokens_BS, reg_BSR):
+  def _glyph_keys(self, tokens_BS, via_vocab: bool = False):
+    """k^G [B,S,G] = g_tok W_gk. via_vocab: compute k^G for the whole glyph table
+    once and gather rows (cheaper when B·S exceeds the vocabulary, as in decoding)."""
+    if not via_vocab:
+      return self._mm("bse,eg->bsg", self.glyph_encoder(tokens_BS), self.glyph_k_proj)
+    vocab = self.glyph["radical"].shape[0]
+    table = self._mm("bve,eg->bvg", self.glyph_encoder(jnp.arange(vocab)[None]),
+                     self.glyph_k_proj)[0]
+    return jnp.take(table, tokens_BS, axis=0, mode="fill", fill_value=0)
+
+  def _extra_key(self, tokens_BS, reg_BSR, decoding: bool = False):
     """k^X [B,S,G+Rg]: glyph keys (from token ids) and register assignments."""
     parts = []
     if "glyph" in self.dims:
-      parts.append(self._mm("bse,eg->bsg", self.glyph_encoder(tokens_BS), self.glyph_k_proj))
+      via_vocab = decoding and tokens_BS.size >= self.glyph["radical"].shape[0]
+      parts.append(self._glyph_keys(tokens_BS, via_vocab))
     if "cultural" in self.dims:
       parts.append(reg_BSR.astype(self._dt))
     return jnp.concatenate(parts, axis=-1) if parts else None
@@ -383,7 +392,8 @@ class MLAttention(nn.Module):
                      idx=core.row_meta(b, t, index), seg=ctx.segment_ids, sent=ctx.sentence_ids)
     kidx = core.row_meta(b, s)
     keys = core.Keys(main=k_main, rope=cache["k_rope"],
-                     extra=self._extra_key(shared["tokens"], cache.get("registers")),
+                     extra=self._extra_key(shared["tokens"], cache.get("registers"),
+                                           decoding=True),
                      value=v, idx=kidx, seg=shared["segment_ids"], sent=shared["sentence_ids"],
                      kind=jnp.zeros_like(kidx))
     spec = self._spec()

@@ -94,5 +94,5 @@ def build(s: dict, vocab: int, layers: int):
   f.route_scale = 1.0
 
   c.data.seq_len = 4096
-  c.mesh = dict(data=1, fsdp=32, expert=8, tensor=1)
+  c.mesh = dict(data=-1, fsdp=32, expert=8, tensor=1)   # >= 256 devices
   return c

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   m.tie_embeddings = False
   m.compute_dtype = "bfloat16"
   m.param_dtype = "float32"
-  m.init_std = 0.006           # initializer_range of the release config
+  m.init_std = 0.006           # the paper's init std (HF's config says 0.02)
   m.rms_eps = 1e-6
 
   at = m.attention
@@ -73,8 +73,9 @@ def get_config(arg: str | None = None):
   f.shared_d_ff = 2048
   f.bias_update_rate = 1e-3
   f.balance_loss_weight = 1e-4   # the paper's sequence-wise alpha
+  f.z_loss_weight = 0.0
   f.compute_loss_weight = 0.0    # a single tier: nothing to balance across tiers
 
   c.data.seq_len = 4096
-  c.mesh = dict(data=1, fsdp=32, expert=8, tensor=1)
+  c.mesh = dict(data=-1, fsdp=32, expert=8, tensor=1)   # >= 256 devices
   return c

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,73 +162,24 @@ def expert_ffn_batched(z_ECD, wg_ESDF, wu_ESDF, wo_ESFD, dt):
 
 
 # ----------------------------------------------------------------------------------
-# Tiles: the grouped-matmul schedule of one tier
+# The grouped FFN: per tier, a loop over experts, inside it a loop over row tiles
 # ----------------------------------------------------------------------------------
 
-class TileTable(NamedTuple):
-  """Tiles of one size: expert (tier-local), first sorted row, valid rows; count."""
-  expert_T: jnp.ndarray
-  row_T: jnp.ndarray
-  valid_T: jnp.ndarray
-  count: jnp.ndarray
-
-
 def block_classes(block_size: int, min_block_size: int) -> tuple[int, ...]:
-  """(block_size, block_size/2, ..., min_block_size)."""
-  out, b = [], block_size
-  while b >= min_block_size:
-    out.append(b)
-    b //= 2
-  return tuple(out)
-
-
-def _table(n_tiles_E, first_E, stride: int, counts_E, starts_E, size: int, max_tiles: int):
-  """Expands per-expert tile counts into a table of max_tiles (static) entries.
-
-  Expert e owns tiles covering its rows first_e + j*stride, j < n_tiles_e.
-  """
-  num_e = n_tiles_E.shape[0]
-  cum_E = jnp.cumsum(n_tiles_E)
-  t = jnp.arange(max_tiles, dtype=jnp.int32)
-  e = jnp.minimum(jnp.searchsorted(cum_E, t, side="right"), num_e - 1).astype(jnp.int32)
-  j = t - (cum_E[e] - n_tiles_E[e])
-  off = first_E[e] + j * stride
-  valid = jnp.clip(counts_E[e] - off, 0, size)
-  return TileTable(e, starts_E[e] + off, valid.astype(jnp.int32), cum_E[-1].astype(jnp.int32))
-
-
-def tile_tables(starts_E1, classes: Sequence[int], max_rows: int) -> tuple[TileTable, ...]:
-  """Cuts each expert's c_e rows into tiles: full tiles of classes[0] rows, then
-  the remainder (rounded up to classes[-1]) as at most one tile per smaller size.
-
-  starts_E1: [E_r + 1] sorted-row boundaries of the tier's experts.
-  max_rows: static bound on the tier's rows (sizes the tables, not the work).
-  """
-  big, small = classes[0], classes[-1]
-  counts = (starts_E1[1:] - starts_E1[:-1]).astype(jnp.int32)
-  starts = starts_E1[:-1]
-  num_e = counts.shape[0]
-  full = counts // big
-  rem = -(-(counts - full * big) // small) * small
-  extra = rem >= big                       # remainder rounds up to a full tile
-  full = full + extra.astype(jnp.int32)
-  rem = jnp.where(extra, 0, rem)
-  zero = jnp.zeros_like(counts)
-  tables = [_table(full, zero, big, counts, starts, big,
-                   max_rows // big + min(num_e, max_rows))]
-  for b in classes[1:]:
-    has = ((rem & b) != 0).astype(jnp.int32)
-    first = full * big + (rem // (2 * b)) * (2 * b)   # larger remainder tiles first
-    tables.append(_table(has, first, b, counts, starts, b, min(num_e, max_rows)))
-  return tuple(tables)
+  """Tile sizes: every multiple of min_block_size up to block_size, largest first."""
+  return tuple(range(block_size, 0, -min_block_size))
 
 
 @dataclasses.dataclass(frozen=True)
 class TierKernel:
-  """Static shape info of one tier for the grouped-FFN loop."""
+  """Static shape info of one tier for the grouped-FFN loop.
+
+  depth: sub-layers per expert; classes: tile sizes; local_rows: rows of the
+  saved-activation buffers (static bound on the tier's rows + largest tile).
+  """
   depth: int
   classes: tuple[int, ...]
-  local_rows: int       # saved-activation buffer rows: tier row bound + largest tile
+  local_rows: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,115 +194,181 @@ def _put(buf, blk, row, mask):
   return _dus(buf, jnp.where(mask, blk.astype(buf.dtype), old), row, 0)
 
 
-def _expert_weights(w3, e):
-  return tuple(_ds(w, e, 1)[0] for w in w3)
+def _sublayers_fwd(z, wg, wu, wo):
+  """Forward of one expert on a tile: (out, [g_s], [u_s], [z_s for s >= 1])."""
+  out, gs, us, zs = None, [], [], []
+  for s in range(wg.shape[0]):
+    g, u = z @ wg[s], z @ wu[s]
+    fs = (jax.nn.silu(g) * u) @ wo[s]
+    gs.append(g)
+    us.append(u)
+    if s > 0:
+      zs.append(z)
+    out = fs if out is None else out + fs
+    z = z + fs
+  return out, gs, us, zs
 
 
-def _tier_forward(tk: TierKernel, dt, x_PD, y_PD, w3, tables, start, save: bool):
-  """Runs one tier's tiles; writes its rows of y. Returns (y, saved activations)."""
-  d = x_PD.shape[1]
-  f = w3[0].shape[-1]
+def _sublayers_bwd(xb, dyb, gs, us, zs, wg, wu, wo):
+  """VJP of `_sublayers_fwd` on a tile: (dx, dwg [S,D,F], dwu, dwo [S,F,D]) in f32."""
+  f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+  depth = wg.shape[0]
+  a = None                        # gradient reaching z_s from the sub-layers above s
+  gg, gu, go = [None] * depth, [None] * depth, [None] * depth
+  for s in reversed(range(depth)):
+    df = dyb if a is None else dyb + a
+    g, u = gs[s], us[s]
+    z_in = xb if s == 0 else zs[s - 1]
+    sg = jax.nn.sigmoid(g)
+    act = g * sg
+    dh = df @ wo[s].T
+    go[s] = f32((act * u).T, df)
+    du = dh * act
+    dg = dh * u * (sg * (1 + g * (1 - sg)))     # silu'(g) = sg (1 + g (1 - sg))
+    gg[s], gu[s] = f32(z_in.T, dg), f32(z_in.T, du)
+    dz = dg @ wg[s].T + du @ wu[s].T
+    a = dz if a is None else a + dz
+  return a, jnp.stack(gg), jnp.stack(gu), jnp.stack(go)
+
+
+class TileTable(NamedTuple):
+  """Tiles of one size: expert (tier-local), first sorted row, valid rows; count."""
+  expert_T: jnp.ndarray
+  row_T: jnp.ndarray
+  valid_T: jnp.ndarray
+  count: jnp.ndarray
+
+
+def _table(n_tiles_E, first_E, stride: int, counts_E, starts_E, size: int, max_tiles: int):
+  """Expands per-expert tile counts into a table of max_tiles (static) entries.
+
+  Expert e owns the tiles at rows starts_e + first_e + j * stride, j < n_tiles_e.
+  """
+  num_e = n_tiles_E.shape[0]
+  cum_E = jnp.cumsum(n_tiles_E)
+  t = jnp.arange(max_tiles, dtype=jnp.int32)
+  e = jnp.minimum(jnp.searchsorted(cum_E, t, side="right"), num_e - 1).astype(jnp.int32)
+  off = first_E[e] + (t - (cum_E[e] - n_tiles_E[e])) * stride
+  valid = jnp.clip(counts_E[e] - off, 0, size).astype(jnp.int32)
+  return TileTable(e, starts_E[e] + off, valid, cum_E[-1].astype(jnp.int32))
+
+
+def tile_tables(starts_E1, classes, max_rows: int) -> tuple[TileTable, ...]:
+  """Cuts each expert's c_e rows into tiles, one table per tile size.
+
+  Full tiles of classes[0] rows, then one tail tile holding the remainder rounded
+  up to a multiple of classes[-1]: padding < classes[-1] rows per expert, and at
+  most one small matmul per expert. starts_E1: [E_r + 1] sorted-row boundaries of
+  the tier's experts; max_rows: static bound on the tier's rows (sizes the
+  tables, not the work).
+  """
+  big, step = classes[0], classes[-1]
+  counts = (starts_E1[1:] - starts_E1[:-1]).astype(jnp.int32)
+  starts = starts_E1[:-1]
+  num_e = counts.shape[0]
+  full = counts // big
+  rem = -(-(counts - full * big) // step) * step
+  extra = rem >= big                       # the remainder rounds up to a full tile
+  full = full + extra.astype(jnp.int32)
+  rem = jnp.where(extra, 0, rem)
+  first = full * big
+  tables = [_table(full, jnp.zeros_like(counts), big, counts, starts, big,
+                   max_rows // big + min(num_e, max_rows))]
+  for b in classes[1:]:
+    tables.append(_table((rem == b).astype(jnp.int32), first, b, counts, starts, b,
+                         max(1, min(num_e, max_rows // (b - step + 1)))))
+  return tuple(tables)
+
+
+def _tier_forward(tk: TierKernel, dt, x_PD, y_PD, w3, starts_E1, save: bool):
+  """Runs one tier's experts on their sorted rows, writing those rows of y.
+
+  One flat while loop per tile size over the tiles that exist (trip count =
+  true tile count). Flat on purpose: nesting a tile loop inside an expert loop
+  made XLA copy the big carried buffers on every outer iteration. Returns (y,
+  saved pre-activations g, u and sub-layer inputs z in tier-local rows): the
+  backward then recomputes nothing.
+  """
+  d, f = x_PD.shape[1], w3[0].shape[-1]
+  tier_start = starts_E1[0]
   saves = None
   if save:
     buf = lambda width: jnp.zeros((tk.local_rows, width), dt)
     saves = dict(g=[buf(f) for _ in range(tk.depth)], u=[buf(f) for _ in range(tk.depth)],
                  z=[buf(d) for _ in range(tk.depth - 1)])
-  for b, table in zip(tk.classes, tables):
-    def body(t, carry, b=b, table=table):
+  tables = tile_tables(starts_E1, tk.classes, tk.local_rows - tk.classes[0])
+  for b, tab in zip(tk.classes, tables):
+    def body(t, carry, b=b, tab=tab):
       y, sv = carry
-      e, r = table.expert_T[t], table.row_T[t]
-      mask = (jnp.arange(b) < table.valid_T[t])[:, None]
-      wg, wu, wo = _expert_weights(w3, e)
-      z = _ds(x_PD, r, b)
-      lr = r - start
-      out = None
-      for s in range(tk.depth):
-        g = z @ wg[s].astype(dt)
-        u = z @ wu[s].astype(dt)
-        fs = (jax.nn.silu(g) * u) @ wo[s].astype(dt)
-        if sv is not None:
-          sv["g"][s] = _put(sv["g"][s], g, lr, mask)
-          sv["u"][s] = _put(sv["u"][s], u, lr, mask)
-          if s > 0:
-            sv["z"][s - 1] = _put(sv["z"][s - 1], z, lr, mask)
-        out = fs if out is None else out + fs
-        z = z + fs
+      r, mask = tab.row_T[t], (jnp.arange(b) < tab.valid_T[t])[:, None]
+      w = tuple(_ds(w, tab.expert_T[t], 1)[0].astype(dt) for w in w3)
+      out, gs, us, zs = _sublayers_fwd(_ds(x_PD, r, b), *w)
+      if sv is not None:
+        lr = r - tier_start
+        sv = dict(g=[_put(buf, v, lr, mask) for buf, v in zip(sv["g"], gs)],
+                  u=[_put(buf, v, lr, mask) for buf, v in zip(sv["u"], us)],
+                  z=[_put(buf, v, lr, mask) for buf, v in zip(sv["z"], zs)])
       return _put(y, out, r, mask), sv
-    y_PD, saves = jax.lax.fori_loop(0, table.count, body, (y_PD, saves))
+    y_PD, saves = jax.lax.fori_loop(0, tab.count, body, (y_PD, saves))
   return y_PD, saves
 
 
-def _tier_backward(tk: TierKernel, dt, x_PD, dy_PD, dx_PD, w3, tables, start, saves):
-  """VJP of `_tier_forward`: accumulates dx rows of the tier and dW of its experts."""
+def _tier_backward(tk: TierKernel, dt, x_PD, dy_PD, dx_PD, w3, starts_E1, saves):
+  """VJP of `_tier_forward`: the tier's rows of dx, and dW of its experts."""
+  tier_start = starts_E1[0]
+  tables = tile_tables(starts_E1, tk.classes, tk.local_rows - tk.classes[0])
   dw = tuple(jnp.zeros(w.shape, jnp.float32) for w in w3)
-  f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
-  for b, table in zip(tk.classes, tables):
-    def body(t, carry, b=b, table=table):
+  for b, tab in zip(tk.classes, tables):
+    def body(t, carry, b=b, tab=tab):
       dx, dwg, dwu, dwo = carry
-      e, r = table.expert_T[t], table.row_T[t]
-      mask = (jnp.arange(b) < table.valid_T[t])[:, None]
-      wg, wu, wo = (w.astype(dt) for w in _expert_weights(w3, e))
-      xb = _ds(x_PD, r, b)
+      e, r = tab.expert_T[t], tab.row_T[t]
+      mask = (jnp.arange(b) < tab.valid_T[t])[:, None]
+      lr = r - tier_start
+      w = tuple(_ds(w, e, 1)[0].astype(dt) for w in w3)
       dyb = jnp.where(mask, _ds(dy_PD, r, b), 0).astype(dt)
-      lr = r - start
-      a = None                      # gradient reaching z_s from sub-layers > s
-      gg, gu, go = [None] * tk.depth, [None] * tk.depth, [None] * tk.depth
-      for s in reversed(range(tk.depth)):
-        df = dyb if a is None else dyb + a
-        g = _ds(saves["g"][s], lr, b)
-        u = _ds(saves["u"][s], lr, b)
-        z_in = xb if s == 0 else _ds(saves["z"][s - 1], lr, b)
-        sg = jax.nn.sigmoid(g)
-        act = g * sg
-        dh = df @ wo[s].T
-        go[s] = f32((act * u).T, df)
-        du = dh * act
-        dg = dh * u * (sg * (1 + g * (1 - sg)))
-        gg[s] = f32(z_in.T, dg)
-        gu[s] = f32(z_in.T, du)
-        dz = dg @ wg[s].T + du @ wu[s].T
-        a = dz if a is None else a + dz
-      acc = lambda w, parts: _dus(w, _ds(w, e, 1) + jnp.stack(parts)[None], e, 0)
-      return (_put(dx, a, r, mask), acc(dwg, gg), acc(dwu, gu), acc(dwo, go))
-    dx_PD, *dw = jax.lax.fori_loop(0, table.count, body, (dx_PD,) + tuple(dw))
+      rows = lambda bufs: [_ds(v, lr, b) for v in bufs]
+      dxb, gg, gu, go = _sublayers_bwd(_ds(x_PD, r, b), dyb, rows(saves["g"]), rows(saves["u"]),
+                                       rows(saves["z"]), *w)
+      acc = lambda dw, part: _dus(dw, _ds(dw, e, 1) + part[None], e, 0)
+      return _put(dx, dxb, r, mask), acc(dwg, gg), acc(dwu, gu), acc(dwo, go)
+    dx_PD, *dw = jax.lax.fori_loop(0, tab.count, body, (dx_PD,) + tuple(dw))
   return dx_PD, tuple(d.astype(w.dtype) for d, w in zip(dw, w3))
 
 
-def _grouped_forward(ks: KernelSpec, x_PD, weights, tables, starts_R, save: bool):
+def _grouped_forward(ks: KernelSpec, x_PD, weights, starts, save: bool):
   dt = layers.dtype_of(ks.dtype)
   y_PD = jnp.zeros(x_PD.shape, dt)
   all_saves = []
-  for r, tk in enumerate(ks.tiers):
-    y_PD, sv = _tier_forward(tk, dt, x_PD, y_PD, weights[r], tables[r], starts_R[r], save)
+  for tk, w3, st in zip(ks.tiers, weights, starts):
+    y_PD, sv = _tier_forward(tk, dt, x_PD, y_PD, w3, st, save)
     all_saves.append(sv)
   return y_PD, all_saves
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def grouped_ffn(ks: KernelSpec, x_PD, weights, tables, starts_R):
-  """y[p] = Expert_{e(p)}(x[p]) for the sorted rows of every tier (0 elsewhere).
+def grouped_ffn(ks: KernelSpec, x_PD, weights, starts):
+  """y[p] = Expert_{e(p)}(x[p]) on the sorted rows of every tier (0 elsewhere).
 
-  weights: per tier (wg [E,S,D,F], wu [E,S,D,F], wo [E,S,F,D]); tables: per tier
-  the TileTables of `tile_tables`; starts_R: first sorted row of each tier.
+  weights: per tier (wg [E,S,D,F], wu [E,S,D,F], wo [E,S,F,D]); starts: per tier
+  the [E_r + 1] sorted-row boundaries of its experts.
   """
-  return _grouped_forward(ks, x_PD, weights, tables, starts_R, save=False)[0]
+  return _grouped_forward(ks, x_PD, weights, starts, save=False)[0]
 
 
-def _grouped_ffn_fwd(ks, x_PD, weights, tables, starts_R):
-  y_PD, saves = _grouped_forward(ks, x_PD, weights, tables, starts_R, save=True)
-  return y_PD, (x_PD, weights, tables, starts_R, saves)
+def _grouped_ffn_fwd(ks, x_PD, weights, starts):
+  y_PD, saves = _grouped_forward(ks, x_PD, weights, starts, save=True)
+  return y_PD, (x_PD, weights, starts, saves)
 
 
 def _grouped_ffn_bwd(ks, res, dy_PD):
-  x_PD, weights, tables, starts_R, saves = res
+  x_PD, weights, starts, saves = res
   dt = layers.dtype_of(ks.dtype)
   dx_PD = jnp.zeros(x_PD.shape, x_PD.dtype)
   dws = []
-  for r, tk in enumerate(ks.tiers):
-    dx_PD, dw = _tier_backward(tk, dt, x_PD, dy_PD, dx_PD, weights[r], tables[r],
-                               starts_R[r], saves[r])
+  for tk, w3, st, sv in zip(ks.tiers, weights, starts, saves):
+    dx_PD, dw = _tier_backward(tk, dt, x_PD, dy_PD, dx_PD, w3, st, sv)
     dws.append(dw)
-  return dx_PD, tuple(dws), None, None
+  return dx_PD, tuple(dws), None
 
 
 grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
@@ -377,21 +394,16 @@ def _gate_sorted(route: Route, plan: SortPlan):
 
 
 def sorted_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
-  """Dropless: sort copies by expert, grouped-matmul loop per tier, unsort + combine."""
-  n, k = route.expert_NK.shape
+  """Dropless: sort copies by expert, grouped-FFN loop per tier, unsort + combine."""
+  n, _ = route.expert_NK.shape
   e_total = sum(s.num_experts for s in specs)
-  plan = make_plan(route.expert_NK, e_total, pad_rows=int(cfg.block_size))
-  x_PD = gather_rows(x_ND.astype(dt), plan.src_P1, plan.pos_NK)
   classes = block_classes(int(cfg.block_size), int(cfg.min_block_size))
-  tiers, tables = [], []
-  for s in specs:
-    bound = tier_row_bound(cfg, s, n)
-    tiers.append(TierKernel(s.depth, classes, bound + classes[0]))
-    tables.append(tile_tables(plan.starts_E1[s.offset:s.offset + s.num_experts + 1],
-                              classes, bound))
-  starts_R = jnp.stack([plan.starts_E1[s.offset] for s in specs])
-  ks = KernelSpec(tuple(tiers), jnp.dtype(dt).name)
-  y_PD = grouped_ffn(ks, x_PD, tuple(_weights3(w) for w in weights), tuple(tables), starts_R)
+  plan = make_plan(route.expert_NK, e_total, pad_rows=classes[0])
+  x_PD = gather_rows(x_ND.astype(dt), plan.src_P1, plan.pos_NK)
+  ks = KernelSpec(tuple(TierKernel(s.depth, classes, tier_row_bound(cfg, s, n) + classes[0])
+                        for s in specs), jnp.dtype(dt).name)
+  starts = tuple(plan.starts_E1[s.offset:s.offset + s.num_experts + 1] for s in specs)
+  y_PD = grouped_ffn(ks, x_PD, tuple(_weights3(w) for w in weights), starts)
   y_PD = y_PD * _gate_sorted(route, plan).astype(dt)
   y_ND = gather_rows(y_PD, plan.pos_NK, plan.src_P1)
   routed = plan.starts_E1[e_total]

@@ -165,7 +165,6 @@ def _shard_body(layout: EPLayout, specs, cfg, dt, inner: str, c_rows: int):
   lspecs = local_specs(specs, ep)
   dest_tab, local_tab = _tables(specs, ep)
   e_local_total = sum(s.num_experts for s in lspecs)
-  replicated_over = tuple(a for a in layout.batch_axes if a not in layout.ep_axes)
 
   def body(x_nD, expert_nK, gate_nK, weights):
     n, k = expert_nK.shape
@@ -198,11 +197,6 @@ def _shard_body(layout: EPLayout, specs, cfg, dt, inner: str, c_rows: int):
                                       flat_nJ.reshape(n * ep, 1))
     a2a = lambda v: jax.lax.all_to_all(v, layout.ep_axes, 0, 0, tiled=True) if ep > 1 else v
     recv_x, recv_e, recv_g = a2a(send_x), a2a(send_e), a2a(send_g)
-    if replicated_over:
-      # Weights are the same on every token shard of an expert shard; mark them
-      # varying so each device's partial gradient is summed (psum) over those axes.
-      weights = jax.tree.map(lambda w: jax.lax.pcast(w, replicated_over, to="varying"),
-                             weights)
     out_RD, _ = dispatch_lib.BACKENDS[inner](recv_x, Route(recv_e, recv_g), weights, lspecs,
                                              cfg, dt)
     back_RD = a2a(out_RD)
@@ -231,8 +225,13 @@ def ep_dispatch(x_ND, route: Route, weights, specs, cfg, dt,
   ep_spec = P(layout.ep_axes or None)
   w_specs = tuple({name: ep_spec for name in w} for w in weights)
   body = _shard_body(layout, specs, cfg, dt, inner, c_rows)
+  # check_vma=False: the single-device back-ends carry loop state created with
+  # jnp.zeros (invariant) that the loop body makes shard-varying. Gradients stay
+  # exact: shard_map's transpose then psums the weights' cotangents over the axes
+  # their in_specs leave out (each expert shard's partial dW from its token
+  # shards) and divides the output cotangents by the replication of the out_specs.
   y_ND, lost = jax.shard_map(
-      body, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, tok))(
+      body, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, tok), check_vma=False)(
           x_ND, route.expert_NK, route.gate_NK, tuple(dict(w) for w in weights))
   e_total = sum(s.num_experts for s in specs)
   routed = jnp.sum(route.expert_NK < e_total, dtype=jnp.int32)
