@@ -105,10 +105,10 @@ def dense_dispatch(x_ND, route, weights, specs, cfg, dt):
 
     @jax.checkpoint
     def step(y, inp):
-      wg, wu, wo, g_N = inp
-      return y + g_N[:, None].astype(dt) * dispatch_lib.expert_ffn(x_ND, wg, wu, wo, dt), None
+      wi, wo, g_N = inp
+      return y + g_N[:, None].astype(dt) * dispatch_lib.expert_ffn(x_ND, wi, wo, dt), None
 
-    y_ND, _ = jax.lax.scan(step, y_ND, (w["wi_gate"], w["wi_up"], w["wo"], gate_NE.T))
+    y_ND, _ = jax.lax.scan(step, y_ND, (w["wi"], w["wo"], gate_NE.T))
   routed = jnp.sum(route.expert_NK < sum(s.num_experts for s in specs))
   return y_ND, dispatch_lib.DispatchInfo(routed, jnp.zeros_like(routed))
 
@@ -145,15 +145,14 @@ def ideal_step(fcfg, mcfg, tier_copies: dict[str, int], seed: int = 0):
   args = []
   for i, s in enumerate(forest.tier_specs(fcfg)):
     c = max(1, math.ceil(tier_copies[s.name] / s.num_experts))
-    k = jax.random.split(jax.random.PRNGKey(seed + i), 4)
+    k = jax.random.split(jax.random.PRNGKey(seed + i), 3)
     d, f, e, depth = mcfg.d_model, s.d_ff, s.num_experts, s.depth
     args.append((jax.random.normal(k[0], (e, c, d)),
-                 0.02 * jax.random.normal(k[1], (e, depth, d, f)),
-                 0.02 * jax.random.normal(k[2], (e, depth, d, f)),
-                 0.02 * jax.random.normal(k[3], (e, depth, f, d))))
+                 0.02 * jax.random.normal(k[1], (e, depth, d, 2, f)),
+                 0.02 * jax.random.normal(k[2], (e, depth, f, d))))
 
   def loss(args):
-    return sum(jnp.sum(dispatch_lib.expert_ffn_batched(x, wg, wu, wo, dt)) for x, wg, wu, wo in args)
+    return sum(jnp.sum(dispatch_lib.expert_ffn_batched(x, wi, wo, dt)) for x, wi, wo in args)
 
   return jax.jit(jax.grad(loss)), (args,)
 

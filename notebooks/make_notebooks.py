@@ -50,6 +50,54 @@ scorer = evaluate.LMScorer(model, variables, tok, seq_len=config.data.seq_len)
 for prompt in ["床前明月光\\n", "今天天气"]:
     print(repr(prompt), "->", repr(scorer.greedy([prompt], 12)[0]))"""),
     ],
+    "02_expert_forest.ipynb": [
+        ("md", "# Inside the Expert Forest\n\nTrain a tiny three-level forest (domain → tier → "
+               "expert) and look at where tokens of each corpus domain go: tier usage by domain, "
+               "the expert-load heat map, and the level-1 domain router against the corpus labels."),
+        ("code", SETUP),
+        ("code", """\
+from experiments.configs import tiny
+from bookjax import train, evaluate
+config = tiny.get_config("runlocal,steps=40,ffn=forest,depth=3")
+workdir = os.path.join(WORKROOT, "forest")
+summary = train.train_and_evaluate(config, workdir)
+config, model, variables, tok, splits = evaluate.load_run(workdir)
+routing = evaluate.routing_analytics(model, variables, splits["validation"], tok,
+                                     seq_len=config.data.seq_len,
+                                     batch_size=config.data.batch_size, max_batches=8)
+sorted(routing)"""),
+        ("code", """\
+import numpy as np
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from bookjax.data import corpus
+layer = sorted(routing)[-1]
+usage = np.array(routing[layer]["tier_usage_by_domain"])  # [corpus domain, tier]
+tiers = [t for t in ("light", "deep", "super") if f"load_{t}" in routing[layer]]
+fig, ax = plt.subplots(figsize=(5, 3))
+bottom = np.zeros(len(corpus.DOMAINS))
+for j, t in enumerate(tiers):
+    ax.bar(corpus.DOMAINS, usage[:, j], bottom=bottom, label=t)
+    bottom += usage[:, j]
+ax.set_ylabel("share of tier visits"); ax.set_title(f"tier usage by domain ({layer})"); ax.legend()
+plt.show()"""),
+        ("code", """\
+loads = np.concatenate([np.array(routing[layer][f"load_{t}"]) for t in tiers])
+rows = [np.concatenate([np.array(routing[l][f"load_{t}"]) for t in tiers]) for l in sorted(routing)]
+plt.imshow(np.array(rows) / np.array(rows).sum(1, keepdims=True), aspect="auto", cmap="viridis")
+plt.colorbar(label="share of routed copies")
+plt.xlabel("expert (light | deep | super)"); plt.ylabel("forest layer"); plt.title("expert load")
+plt.show()
+{l: {k: round(v, 3) for k, v in routing[l].items() if k.startswith("load_cv")} for l in routing}"""),
+        ("code", """\
+joint = np.array(routing[layer]["domain_joint"])  # [corpus domain, router domain]
+conf = joint / joint.sum(1, keepdims=True)
+plt.imshow(conf, cmap="Blues", vmin=0, vmax=1)
+plt.yticks(range(len(corpus.DOMAINS)), corpus.DOMAINS); plt.xlabel("level-1 router domain")
+plt.title(f"domain router vs corpus label, MI = {routing[layer]['domain_router_mi_bits']:.3f} bits")
+plt.colorbar(); plt.show()"""),
+    ],
     "03_ablation_tables.ipynb": [
         ("md", "# Ablation tables\n\nRuns (or reloads) a study with the same runner as "
                "`experiments/ablate.py`, then shows its table and plot. Set `STUDY_ARG` to "

@@ -108,8 +108,8 @@ class GlyphEncoder(nn.Module):
   """g_v for token ids: summed component / radical / stroke embeddings, RMS-normed.
 
   glyph: dict of numpy arrays (GlyphTable.feature_arrays): component_ids [V, K],
-  radical [V], strokes [V], num_components (int). Ids outside the table, and 0
-  entries, contribute nothing.
+  radical [V], strokes [V], num_components (int; optional num_radicals = 215,
+  num_strokes = 32). Token ids outside the table, and 0 entries, contribute nothing.
   """
   embed_dim: int
   glyph: Mapping[str, Any]
@@ -123,9 +123,11 @@ class GlyphEncoder(nn.Module):
     comp_tab = layers.param_with_axes(self, "component_embed", init,
                                       (int(g["num_components"]), e),
                                       ("glyph_components", "glyph"), pdt)
-    rad_tab = layers.param_with_axes(self, "radical_embed", init, (NUM_RADICALS + 1, e),
+    rad_tab = layers.param_with_axes(self, "radical_embed", init,
+                                     (int(g.get("num_radicals", NUM_RADICALS + 1)), e),
                                      ("glyph_radicals", "glyph"), pdt)
-    str_tab = layers.param_with_axes(self, "stroke_embed", init, (NUM_STROKE_CLASSES, e),
+    str_tab = layers.param_with_axes(self, "stroke_embed", init,
+                                     (int(g.get("num_strokes", NUM_STROKE_CLASSES)), e),
                                      ("glyph_strokes", "glyph"), pdt)
     take = lambda a: jnp.take(jnp.asarray(a, jnp.int32), tokens_BT, axis=0, mode="fill",
                               fill_value=0)

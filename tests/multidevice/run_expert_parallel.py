@@ -4,8 +4,10 @@ Dropless EP on several meshes (tensor > 1 included) vs. the single-device
 `sorted` back-end: outputs, gradients (parameters and inputs), weighted losses and
 router statistics. Capacity buffers: a tight factor drops copies (and counts
 them), a loose one equals dropless.
-Usage: python tests/multidevice/run_expert_parallel.py; prints `RESULT {json}`.
+Usage: python tests/multidevice/run_expert_parallel.py [--meshes 1,2,2,2:...]
+  [--capacity tight,loose]; prints `RESULT {json}`.
 """
+import argparse
 import os
 import sys
 
@@ -16,6 +18,12 @@ MESHES = ((2, 1, 4, 1), (1, 1, 4, 2), (1, 2, 2, 2), (1, 1, 8, 1))
 
 
 def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--meshes", default=":".join(",".join(map(str, m)) for m in MESHES))
+  ap.add_argument("--capacity", default="tight,loose")
+  args = ap.parse_args()
+  meshes = [tuple(int(v) for v in m.split(",")) for m in args.meshes.split(":") if m]
+  factors = dict(tight=0.25, loose=100.0)
   common.init_devices(8)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -68,7 +76,7 @@ def main():
       xs = jax.device_put(x, x_sh)
       return common.to_numpy(jax.jit(lambda p, x: run(module, p, x))(p, xs))
 
-  for shape in MESHES:
+  for shape in meshes:
     r = on_mesh(layer, shape)
     out["dropless"][",".join(map(str, shape))] = dict(
         loss=abs(float(r["loss"]) - float(ref["loss"])) / max(1.0, abs(float(ref["loss"]))),
@@ -76,7 +84,8 @@ def main():
         grads=common.max_abs_diff(r["grads"], ref["grads"]),
         stats=common.max_abs_diff(r["stats"], ref["stats"]))
     print(shape, out["dropless"][",".join(map(str, shape))], flush=True)
-  for name, factor in (("tight", 0.25), ("loose", 100.0)):
+  for name in filter(None, args.capacity.split(",")):
+    factor = factors[name]
     r = on_mesh(make("capacity", factor), (1, 1, 8, 1))
     st = r["stats"]
     out["capacity"][name] = dict(

@@ -7,6 +7,9 @@ reuse the routing core and the per-tier compute):
                3 (domain -> tier -> expert); formulas in its docstring
   dispatch.py  back-ends 'sorted' (default, dropless), 'capacity', 'ragged_dot',
                'dense_loop' (test oracle); the algorithm in its docstring
+  expert_parallel.py  the same back-ends split over a device mesh (experts over
+               the `expert` axis, all_to_all in shard_map); used automatically
+               under `jax.set_mesh` + logical rules, or `dispatch='expert_parallel'`
   balance.py   balance / z / compute-aware losses, statistics, bias update
   module.py    the ExpertForest linen module
 
@@ -18,7 +21,8 @@ Contract with the trainer:
       scalar already multiplied by its config weight (absent when the weight is 0).
   'router_stats' collection: load_<tier> [E_r] (copies per expert, summed over
       the batch), load_target_<tier>, tier_load / tier_load_target [R],
-      tier_usage [R], tier_usage_by_domain [C, R], domain_usage [M], tokens,
+      tier_usage [R], tier_usage_by_domain [C, R], domain_usage [M],
+      domain_joint [C, M] (corpus domain x router domain soft counts), tokens,
       routed_copies, dropped_copies, drop_rate, activated_params_mean / _max,
       compute_ratio, max_violation and the raw (unweighted) losses.
   update_router_bias(router_bias, router_stats, rate) -> new router_bias.

@@ -189,6 +189,13 @@ def losses_and_stats(route: Route, aux: RouterAux, info, valid_N, domain_N: Opti
     v = valid_N.astype(jnp.float32)[:, None]
     p = jax.nn.softmax(aux.domain_logits_NM, axis=-1)
     stats["domain_usage"] = jnp.sum(p * v, 0) / jnp.maximum(jnp.sum(v), 1.0)
+    if domain_N is not None:
+      # [C, M] soft counts: corpus domain x level-1 router domain (mutual information,
+      # confusion against corpus labels); a sum, so it adds up exactly over shards.
+      c = int(cfg.num_corpus_domains)
+      ok = valid_N & (domain_N >= 0) & (domain_N < c)
+      onehot_NC = ((domain_N[:, None] == jnp.arange(c)) & ok[:, None]).astype(jnp.float32)
+      stats["domain_joint"] = onehot_NC.T @ p
   for s, l, t in zip(specs, loads, targets):
     vio = jnp.max(jnp.where(t > 0, (l - t) / jnp.maximum(t, 1e-9), 0.0))
     stats["max_violation"] = vio if "max_violation" not in stats else \

@@ -134,35 +134,85 @@ def tier_row_bound(cfg, s: spec_lib.TierSpec, n_tokens: int) -> int:
 
 
 # ----------------------------------------------------------------------------------
-# Expert math
+# Expert math. Tier weights: wi [E, S, D, 2, F] (gate and up projections side by
+# side, so one matmul computes both) and wo [E, S, F, D].
 # ----------------------------------------------------------------------------------
 
-def expert_ffn(z_MD, wg_SDF, wu_SDF, wo_SFD, dt):
+def _swiglu_in(z, wi_D2F):
+  """[M, D] @ [D, 2, F] -> gate [M, F], up [M, F] in one matmul."""
+  d, _, f = wi_D2F.shape
+  gu = z @ wi_D2F.reshape(d, 2 * f)
+  return gu[:, :f], gu[:, f:]
+
+
+def expert_ffn(z_MD, wi_SD2F, wo_SFD, dt):
   """One expert (S sub-layers with inner residuals) on rows z_MD; returns [M, D]."""
   out = None
-  for s in range(wg_SDF.shape[0]):
-    g = z_MD @ wg_SDF[s].astype(dt)
-    u = z_MD @ wu_SDF[s].astype(dt)
+  for s in range(wi_SD2F.shape[0]):
+    g, u = _swiglu_in(z_MD, wi_SD2F[s].astype(dt))
     f = (jax.nn.silu(g) * u) @ wo_SFD[s].astype(dt)
     out = f if out is None else out + f
     z_MD = z_MD + f
   return out
 
 
-def expert_ffn_batched(z_ECD, wg_ESDF, wu_ESDF, wo_ESFD, dt):
+def expert_ffn_batched(z_ECD, wi_ESD2F, wo_ESFD, dt):
   """All experts of a tier on their own rows: z_ECD [E, C, D] -> [E, C, D]."""
   out = None
-  for s in range(wg_ESDF.shape[1]):
-    g = jnp.einsum("ecd,edf->ecf", z_ECD, wg_ESDF[:, s].astype(dt))
-    u = jnp.einsum("ecd,edf->ecf", z_ECD, wu_ESDF[:, s].astype(dt))
-    f = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, wo_ESFD[:, s].astype(dt))
+  e, _, d, _, f = wi_ESD2F.shape
+  for s in range(wi_ESD2F.shape[1]):
+    gu = jnp.einsum("ecd,edf->ecf", z_ECD, wi_ESD2F[:, s].astype(dt).reshape(e, d, 2 * f))
+    f = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gu[..., :f]) * gu[..., f:],
+                   wo_ESFD[:, s].astype(dt))
     out = f if out is None else out + f
     z_ECD = z_ECD + f
   return out
 
 
+def _sublayers_fwd(z, wi, wo):
+  """One expert on a tile: (out, [gate|up pre-activations per sub-layer],
+  [sub-layer inputs z_s for s >= 1])."""
+  out, gus, zs = None, [], []
+  f = wo.shape[1]
+  for s in range(wi.shape[0]):
+    gu = z @ wi[s].reshape(-1, 2 * f)
+    fs = (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ wo[s]
+    gus.append(gu)
+    if s > 0:
+      zs.append(z)
+    out = fs if out is None else out + fs
+    z = z + fs
+  return out, gus, zs
+
+
+def _sublayers_bwd(xb, dyb, gus, zs, wi, wo):
+  """VJP of `_sublayers_fwd` on a tile: (dx, dwi [S, D, 2, F], dwo [S, F, D]), f32.
+
+  With out = sum_s f_s and z_s = z_{s-1} + f_s: f_s receives dy plus a_s, the
+  gradient that reached z_s from the sub-layers above; a_{s-1} = a_s + J_s^T(..).
+  """
+  f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+  depth, d, _, f = wi.shape
+  a = None
+  gi, go = [None] * depth, [None] * depth
+  for s in reversed(range(depth)):
+    df = dyb if a is None else dyb + a
+    g, u = gus[s][:, :f], gus[s][:, f:]
+    z_in = xb if s == 0 else zs[s - 1]
+    sg = jax.nn.sigmoid(g)
+    act = g * sg
+    dh = df @ wo[s].T
+    go[s] = f32((act * u).T, df)
+    # silu'(g) = sg (1 + g (1 - sg)); gate and up gradients side by side.
+    dgu = jnp.concatenate([dh * u * (sg * (1 + g * (1 - sg))), dh * act], axis=1)
+    gi[s] = f32(z_in.T, dgu).reshape(d, 2, f)
+    dz = dgu @ wi[s].reshape(d, 2 * f).T
+    a = dz if a is None else a + dz
+  return a, jnp.stack(gi), jnp.stack(go)
+
+
 # ----------------------------------------------------------------------------------
-# The grouped FFN: per tier, a loop over experts, inside it a loop over row tiles
+# The grouped FFN: per tier, flat loops over row tiles of the sorted copies
 # ----------------------------------------------------------------------------------
 
 def block_classes(block_size: int, min_block_size: int) -> tuple[int, ...]:
@@ -192,43 +242,6 @@ def _put(buf, blk, row, mask):
   """buf[row:row+b] = blk where mask (rows past an expert's end keep buf)."""
   old = _ds(buf, row, blk.shape[0])
   return _dus(buf, jnp.where(mask, blk.astype(buf.dtype), old), row, 0)
-
-
-def _sublayers_fwd(z, wg, wu, wo):
-  """Forward of one expert on a tile: (out, [g_s], [u_s], [z_s for s >= 1])."""
-  out, gs, us, zs = None, [], [], []
-  for s in range(wg.shape[0]):
-    g, u = z @ wg[s], z @ wu[s]
-    fs = (jax.nn.silu(g) * u) @ wo[s]
-    gs.append(g)
-    us.append(u)
-    if s > 0:
-      zs.append(z)
-    out = fs if out is None else out + fs
-    z = z + fs
-  return out, gs, us, zs
-
-
-def _sublayers_bwd(xb, dyb, gs, us, zs, wg, wu, wo):
-  """VJP of `_sublayers_fwd` on a tile: (dx, dwg [S,D,F], dwu, dwo [S,F,D]) in f32."""
-  f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
-  depth = wg.shape[0]
-  a = None                        # gradient reaching z_s from the sub-layers above s
-  gg, gu, go = [None] * depth, [None] * depth, [None] * depth
-  for s in reversed(range(depth)):
-    df = dyb if a is None else dyb + a
-    g, u = gs[s], us[s]
-    z_in = xb if s == 0 else zs[s - 1]
-    sg = jax.nn.sigmoid(g)
-    act = g * sg
-    dh = df @ wo[s].T
-    go[s] = f32((act * u).T, df)
-    du = dh * act
-    dg = dh * u * (sg * (1 + g * (1 - sg)))     # silu'(g) = sg (1 + g (1 - sg))
-    gg[s], gu[s] = f32(z_in.T, dg), f32(z_in.T, du)
-    dz = dg @ wg[s].T + du @ wu[s].T
-    a = dz if a is None else a + dz
-  return a, jnp.stack(gg), jnp.stack(gu), jnp.stack(go)
 
 
 class TileTable(NamedTuple):
@@ -271,76 +284,75 @@ def tile_tables(starts_E1, classes, max_rows: int) -> tuple[TileTable, ...]:
   extra = rem >= big                       # the remainder rounds up to a full tile
   full = full + extra.astype(jnp.int32)
   rem = jnp.where(extra, 0, rem)
-  first = full * big
   tables = [_table(full, jnp.zeros_like(counts), big, counts, starts, big,
                    max_rows // big + min(num_e, max_rows))]
   for b in classes[1:]:
-    tables.append(_table((rem == b).astype(jnp.int32), first, b, counts, starts, b,
+    tables.append(_table((rem == b).astype(jnp.int32), full * big, b, counts, starts, b,
                          max(1, min(num_e, max_rows // (b - step + 1)))))
   return tuple(tables)
 
 
-def _tier_forward(tk: TierKernel, dt, x_PD, y_PD, w3, starts_E1, save: bool):
+def _tier_forward(tk: TierKernel, dt, x_PD, y_PD, w2, starts_E1, save: bool):
   """Runs one tier's experts on their sorted rows, writing those rows of y.
 
   One flat while loop per tile size over the tiles that exist (trip count =
   true tile count). Flat on purpose: nesting a tile loop inside an expert loop
   made XLA copy the big carried buffers on every outer iteration. Returns (y,
-  saved pre-activations g, u and sub-layer inputs z in tier-local rows): the
-  backward then recomputes nothing.
+  saved pre-activations and sub-layer inputs in tier-local rows): the backward
+  then recomputes nothing.
   """
-  d, f = x_PD.shape[1], w3[0].shape[-1]
+  d, f = x_PD.shape[1], w2[1].shape[-2]
   tier_start = starts_E1[0]
   saves = None
   if save:
-    buf = lambda width: jnp.zeros((tk.local_rows, width), dt)
-    saves = dict(g=[buf(f) for _ in range(tk.depth)], u=[buf(f) for _ in range(tk.depth)],
-                 z=[buf(d) for _ in range(tk.depth - 1)])
+    saves = dict(gu=[jnp.zeros((tk.local_rows, 2 * f), dt) for _ in range(tk.depth)],
+                 z=[jnp.zeros((tk.local_rows, d), dt) for _ in range(tk.depth - 1)])
   tables = tile_tables(starts_E1, tk.classes, tk.local_rows - tk.classes[0])
   for b, tab in zip(tk.classes, tables):
     def body(t, carry, b=b, tab=tab):
       y, sv = carry
       r, mask = tab.row_T[t], (jnp.arange(b) < tab.valid_T[t])[:, None]
-      w = tuple(_ds(w, tab.expert_T[t], 1)[0].astype(dt) for w in w3)
-      out, gs, us, zs = _sublayers_fwd(_ds(x_PD, r, b), *w)
+      wi, wo = (_ds(w, tab.expert_T[t], 1)[0].astype(dt) for w in w2)
+      out, gus, zs = _sublayers_fwd(_ds(x_PD, r, b), wi, wo)
       if sv is not None:
         lr = r - tier_start
-        sv = dict(g=[_put(buf, v, lr, mask) for buf, v in zip(sv["g"], gs)],
-                  u=[_put(buf, v, lr, mask) for buf, v in zip(sv["u"], us)],
+        sv = dict(gu=[_put(buf, v, lr, mask) for buf, v in zip(sv["gu"], gus)],
                   z=[_put(buf, v, lr, mask) for buf, v in zip(sv["z"], zs)])
       return _put(y, out, r, mask), sv
     y_PD, saves = jax.lax.fori_loop(0, tab.count, body, (y_PD, saves))
   return y_PD, saves
 
 
-def _tier_backward(tk: TierKernel, dt, x_PD, dy_PD, dx_PD, w3, starts_E1, saves):
+def _tier_backward(tk: TierKernel, dt, x_PD, dy_PD, dx_PD, w2, starts_E1, saves):
   """VJP of `_tier_forward`: the tier's rows of dx, and dW of its experts."""
   tier_start = starts_E1[0]
   tables = tile_tables(starts_E1, tk.classes, tk.local_rows - tk.classes[0])
-  dw = tuple(jnp.zeros(w.shape, jnp.float32) for w in w3)
+  dw = tuple(jnp.zeros(w.shape, jnp.float32) for w in w2)
   for b, tab in zip(tk.classes, tables):
     def body(t, carry, b=b, tab=tab):
-      dx, dwg, dwu, dwo = carry
+      dx, dwi, dwo = carry
       e, r = tab.expert_T[t], tab.row_T[t]
       mask = (jnp.arange(b) < tab.valid_T[t])[:, None]
       lr = r - tier_start
-      w = tuple(_ds(w, e, 1)[0].astype(dt) for w in w3)
+      wi, wo = (_ds(w, e, 1)[0].astype(dt) for w in w2)
+      # Rows past the expert's end hold other experts' data: zero their dy so
+      # they add nothing to this expert's dW.
       dyb = jnp.where(mask, _ds(dy_PD, r, b), 0).astype(dt)
       rows = lambda bufs: [_ds(v, lr, b) for v in bufs]
-      dxb, gg, gu, go = _sublayers_bwd(_ds(x_PD, r, b), dyb, rows(saves["g"]), rows(saves["u"]),
-                                       rows(saves["z"]), *w)
+      dxb, gi, go = _sublayers_bwd(_ds(x_PD, r, b), dyb, rows(saves["gu"]), rows(saves["z"]),
+                                   wi, wo)
       acc = lambda dw, part: _dus(dw, _ds(dw, e, 1) + part[None], e, 0)
-      return _put(dx, dxb, r, mask), acc(dwg, gg), acc(dwu, gu), acc(dwo, go)
+      return _put(dx, dxb, r, mask), acc(dwi, gi), acc(dwo, go)
     dx_PD, *dw = jax.lax.fori_loop(0, tab.count, body, (dx_PD,) + tuple(dw))
-  return dx_PD, tuple(d.astype(w.dtype) for d, w in zip(dw, w3))
+  return dx_PD, tuple(d.astype(w.dtype) for d, w in zip(dw, w2))
 
 
 def _grouped_forward(ks: KernelSpec, x_PD, weights, starts, save: bool):
   dt = layers.dtype_of(ks.dtype)
   y_PD = jnp.zeros(x_PD.shape, dt)
   all_saves = []
-  for tk, w3, st in zip(ks.tiers, weights, starts):
-    y_PD, sv = _tier_forward(tk, dt, x_PD, y_PD, w3, st, save)
+  for tk, w2, st in zip(ks.tiers, weights, starts):
+    y_PD, sv = _tier_forward(tk, dt, x_PD, y_PD, w2, st, save)
     all_saves.append(sv)
   return y_PD, all_saves
 
@@ -349,8 +361,9 @@ def _grouped_forward(ks: KernelSpec, x_PD, weights, starts, save: bool):
 def grouped_ffn(ks: KernelSpec, x_PD, weights, starts):
   """y[p] = Expert_{e(p)}(x[p]) on the sorted rows of every tier (0 elsewhere).
 
-  weights: per tier (wg [E,S,D,F], wu [E,S,D,F], wo [E,S,F,D]); starts: per tier
-  the [E_r + 1] sorted-row boundaries of its experts.
+  weights: per tier (wi [E,S,D,2,F], wo [E,S,F,D]); starts: per tier the
+  [E_r + 1] sorted-row boundaries of its experts. The VJP is hand-written
+  (while loops are not reverse-differentiable) and emits no scatter.
   """
   return _grouped_forward(ks, x_PD, weights, starts, save=False)[0]
 
@@ -365,8 +378,8 @@ def _grouped_ffn_bwd(ks, res, dy_PD):
   dt = layers.dtype_of(ks.dtype)
   dx_PD = jnp.zeros(x_PD.shape, x_PD.dtype)
   dws = []
-  for tk, w3, st, sv in zip(ks.tiers, weights, starts, saves):
-    dx_PD, dw = _tier_backward(tk, dt, x_PD, dy_PD, dx_PD, w3, st, sv)
+  for tk, w2, st, sv in zip(ks.tiers, weights, starts, saves):
+    dx_PD, dw = _tier_backward(tk, dt, x_PD, dy_PD, dx_PD, w2, st, sv)
     dws.append(dw)
   return dx_PD, tuple(dws), None
 
@@ -384,8 +397,8 @@ class DispatchInfo(NamedTuple):
   dropped: jnp.ndarray
 
 
-def _weights3(w):
-  return (w["wi_gate"], w["wi_up"], w["wo"])
+def _weights(w):
+  return (w["wi"], w["wo"])
 
 
 def _gate_sorted(route: Route, plan: SortPlan):
@@ -403,7 +416,7 @@ def sorted_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
   ks = KernelSpec(tuple(TierKernel(s.depth, classes, tier_row_bound(cfg, s, n) + classes[0])
                         for s in specs), jnp.dtype(dt).name)
   starts = tuple(plan.starts_E1[s.offset:s.offset + s.num_experts + 1] for s in specs)
-  y_PD = grouped_ffn(ks, x_PD, tuple(_weights3(w) for w in weights), starts)
+  y_PD = grouped_ffn(ks, x_PD, tuple(_weights(w) for w in weights), starts)
   y_PD = y_PD * _gate_sorted(route, plan).astype(dt)
   y_ND = gather_rows(y_PD, plan.pos_NK, plan.src_P1)
   routed = plan.starts_E1[e_total]
@@ -450,7 +463,7 @@ def capacity_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
     tok_Q1 = jnp.where(ok_EC, plan.src_P1[jnp.minimum(rows_EC, b - 1), 0], n).reshape(-1, 1)
     copy_Q1 = jnp.where(ok_EC, plan.copy_P1[jnp.minimum(rows_EC, b - 1), 0], b).reshape(-1, 1)
     buf_QD = gather_rows(x_ND, tok_Q1, slot_NK)
-    out_ECD = expert_ffn_batched(buf_QD.reshape(s.num_experts, cap, -1), *_weights3(w), dt)
+    out_ECD = expert_ffn_batched(buf_QD.reshape(s.num_experts, cap, -1), *_weights(w), dt)
     gate_Q1 = gather_rows(gate_B1, copy_Q1, slot_NK.reshape(b, 1)).astype(dt)
     y_ND = y_ND + gather_rows(out_ECD.reshape(n_slots, -1) * gate_Q1, slot_NK, tok_Q1)
     kept = kept + jnp.sum(keep_B)
@@ -476,13 +489,14 @@ def ragged_dot_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
              - plan.starts_E1[s.offset:s.offset + s.num_experts]).astype(jnp.int32)
     z = _ds(x_PD, start, bound)
     out = None
-    wg, wu, wo = _weights3(w)
+    wi, wo = _weights(w)
+    f = s.d_ff
     for d in range(s.depth):
-      g = jax.lax.ragged_dot(z, wg[:, d].astype(dt), sizes)
-      u = jax.lax.ragged_dot(z, wu[:, d].astype(dt), sizes)
-      f = jax.lax.ragged_dot(jax.nn.silu(g) * u, wo[:, d].astype(dt), sizes)
-      out = f if out is None else out + f
-      z = z + f
+      wi_d = wi[:, d].astype(dt).reshape(s.num_experts, -1, 2 * f)
+      gu = jax.lax.ragged_dot(z, wi_d, sizes)
+      f_d = jax.lax.ragged_dot(jax.nn.silu(gu[:, :f]) * gu[:, f:], wo[:, d].astype(dt), sizes)
+      out = f_d if out is None else out + f_d
+      z = z + f_d
     y_PD = _dus(y_PD, out, start, 0)
   y_PD = y_PD * _gate_sorted(route, plan).astype(dt)
   y_ND = gather_rows(y_PD, plan.pos_NK, plan.src_P1)
@@ -496,10 +510,10 @@ def dense_loop_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
   x_ND = x_ND.astype(dt)
   y_ND = jnp.zeros(x_ND.shape, dt)
   for s, w in zip(specs, weights):
-    wg, wu, wo = _weights3(w)
+    wi, wo = _weights(w)
     for e in range(s.num_experts):
       gate_N = jnp.sum(jnp.where(route.expert_NK == s.offset + e, route.gate_NK, 0.0), axis=1)
-      y_ND = y_ND + gate_N[:, None].astype(dt) * expert_ffn(x_ND, wg[e], wu[e], wo[e], dt)
+      y_ND = y_ND + gate_N[:, None].astype(dt) * expert_ffn(x_ND, wi[e], wo[e], dt)
   routed = jnp.sum(route.expert_NK < sum(s.num_experts for s in specs))
   return y_ND, DispatchInfo(routed, jnp.zeros_like(routed))
 

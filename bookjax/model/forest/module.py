@@ -10,12 +10,13 @@ from bookjax.model import layers
 from bookjax.model.forest import balance, dispatch, routing
 from bookjax.model.forest import spec as spec_lib
 
-EXPERT_AXES = ("experts", "layers", "embed", "mlp")
+EXPERT_IN_AXES = ("experts", "layers", "embed", None, "mlp")
 EXPERT_OUT_AXES = ("experts", "layers", "mlp", "embed")
 
 
 class TierExperts(nn.Module):
-  """Stacked weights of one tier: wi_gate / wi_up [E, S, D, F], wo [E, S, F, D]."""
+  """Stacked weights of one tier: wi [E, S, D, 2, F] (gate and up projections side
+  by side: one matmul computes both), wo [E, S, F, D]."""
   num_experts: int
   depth: int
   d_ff: int
@@ -29,8 +30,7 @@ class TierExperts(nn.Module):
     init = nn.initializers.normal(self.init_std)
     dt = layers.dtype_of(self.param_dtype)
     mk = lambda name, shape, axes: layers.param_with_axes(self, name, init, shape, axes, dt)
-    return dict(wi_gate=mk("wi_gate", (e, s, d, f), EXPERT_AXES),
-                wi_up=mk("wi_up", (e, s, d, f), EXPERT_AXES),
+    return dict(wi=mk("wi", (e, s, d, 2, f), EXPERT_IN_AXES),
                 wo=mk("wo", (e, s, f, d), EXPERT_OUT_AXES))
 
 
