@@ -87,6 +87,18 @@ def lookup(tree: dict, key: str):
   return node
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Persistent XLA cache: every seed of a point (same shapes) compiles once.
+
+  Leaves a cache configured by the environment (JAX_COMPILATION_CACHE_DIR) alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def run_study(study_path: str, outdir: str, *, log: Callable[[str], None] = print,
               quick_eval: bool | None = None) -> dict:
   """Runs (or resumes) every point, then writes table.csv, table.md and a plot."""
@@ -102,6 +114,7 @@ def run_study(study_path: str, outdir: str, *, log: Callable[[str], None] = prin
   for p in pts:  # validate everything before the first long run
     config_lib.validate(point_config(study_cfg, p))
   os.makedirs(outdir, exist_ok=True)
+  enable_compilation_cache(os.path.join(outdir, "jax_cache"))
   t0 = time.time()
   for i, p in enumerate(pts):
     wd = os.path.join(outdir, p.point, f"seed{p.seed}")

@@ -171,7 +171,8 @@ def reference_mla(p, x, pos, seg, cfg, eps):
   rms = lambda z, g: z / np.sqrt(np.mean(z * z, -1, keepdims=True) + eps) * g
   f = lambda k: np.asarray(p[k], np.float64)
   if a.q_lora_rank:
-    q = rms(x @ f("q_a_proj"), np.asarray(p["q_a_layernorm"]["scale"], np.float64)) @ f("q_b_proj").reshape(a.q_lora_rank, -1)
+    cq = rms(x @ f("q_a_proj"), np.asarray(p["q_a_layernorm"]["scale"], np.float64))
+    q = cq @ f("q_b_proj").reshape(a.q_lora_rank, -1)
   else:
     q = x @ f("q_proj").reshape(d, -1)
   q = q.reshape(b, t, h, kn + r)
@@ -310,7 +311,8 @@ def test_blockwise_equals_full_values_and_gradients(shared_keys, memory):
   q, k, sem, spec = _core_inputs(shared_keys, memory)
   cot = jnp.asarray(np.random.RandomState(9).randn(*q.main.shape[:3], k.value.shape[-1]),
                     jnp.float32)
-  floats = lambda x: (x.main, x.rope, x.extra) + ((x.value,) if isinstance(x, blockwise.Keys) else ())
+  floats = lambda x: ((x.main, x.rope, x.extra)
+                      + ((x.value,) if isinstance(x, blockwise.Keys) else ()))
 
   def run(fn):
     def loss(qf, kf, sem):
@@ -333,7 +335,8 @@ def test_blockwise_layer_gradients_match_full():
   ctx = attention.Context(*(jnp.asarray(batch[k]) for k in
                             ("positions", "segment_ids", "sentence_ids", "inputs")))
   x = jnp.asarray(np.random.RandomState(4).randn(2, 17, 32), jnp.float32)
-  cot = jnp.asarray(np.random.RandomState(5).randn(2, 17, 32), jnp.float32) * valid(batch)[..., None]
+  cot = (jnp.asarray(np.random.RandomState(5).randn(2, 17, 32), jnp.float32)
+         * valid(batch)[..., None])
   layers_ = [mla.MLAttention(model_cfg(ALL_DIMS, impl=i, memory=True, layers=1).attention,
                              model_cfg(ALL_DIMS, impl=i, memory=True, layers=1),
                              glyph=glyph_features()) for i in ("full", "blockwise")]
@@ -416,8 +419,9 @@ def test_sentence_distance_buckets_on_packed_example():
 def test_semantic_bias_only_on_semantic_heads():
   cfg = model_cfg("semantic", layers=1, num_heads=2, semantic=dict(num_heads=1))
   sent = jnp.array([[0, 0, 1, 1, 1, 2, 2, 3]])
-  ctx = attention.Context(positions=blockwise.row_meta(1, 8), segment_ids=jnp.ones((1, 8), jnp.int32),
-                          sentence_ids=sent, tokens=jnp.zeros((1, 8), jnp.int32))
+  ctx = attention.Context(positions=blockwise.row_meta(1, 8),
+                          segment_ids=jnp.ones((1, 8), jnp.int32), sentence_ids=sent,
+                          tokens=jnp.zeros((1, 8), jnp.int32))
   layer = mla.MLAttention(cfg.attention, cfg)
   p = random_params(layer, jnp.zeros((1, 8, 32)), ctx)
   p["params"]["semantic_bias"] = jnp.zeros_like(p["params"]["semantic_bias"]).at[0, 0].set(30.0)
@@ -542,7 +546,7 @@ def test_cache_bytes_deepseek_v3_shapes():
 # HF transformers DeepseekV3Attention parity (weights converted as in mla.py's doc)
 # ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("interleave", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_matches_hf_deepseek_v3_attention(interleave):
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
@@ -598,3 +602,20 @@ def test_glyph_keys_via_vocabulary_table_match_per_token():
                           for v in (False, True))
   np.testing.assert_allclose(np.asarray(via_vocab), np.asarray(per_token), atol=1e-6)
   assert float(jnp.abs(per_token[0, -1]).max()) == 0.0  # unknown id: no glyph key
+
+
+def test_bfloat16_compute_decodes_close_to_forward():
+  """bf16 compute (f32 params): forward, absorbed decoding and blockwise prefill run
+  and agree to bf16 precision (XLA:CPU once rejected a bf16 decode-step dot)."""
+  m = config_lib.default_model_config()
+  m.vocab_size, m.d_model, m.num_layers, m.compute_dtype = VOCAB, 32, 1, "bfloat16"
+  a = m.attention
+  a.kind, a.dims, a.impl, a.block_size = "mla", ALL_DIMS, "blockwise", 4
+  cfg = ml_collections.FrozenConfigDict(m)
+  batch = packed_batch(t=8)
+  model, params = build(cfg, batch)
+  want = jax.jit(model.apply)(params, batch)
+  got = decode_token_by_token(model, params, batch, cfg, prompt=5)
+  m_ = valid(batch)
+  assert got.dtype == jnp.float32 and np.isfinite(np.asarray(got)).all()
+  np.testing.assert_allclose(np.asarray(got)[m_], np.asarray(want)[m_], atol=0.15)

@@ -176,6 +176,9 @@ def _run(script, *args, timeout=1200):
   # in kind (every run in a test uses the same flags).
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   env["JAX_PLATFORMS"] = "cpu"
+  # Reruns skip XLA compilation (keyed on the program, so a code change recompiles).
+  env.setdefault("JAX_COMPILATION_CACHE_DIR",
+                 os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache"))
   r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice", script),
                       *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env,
                      timeout=timeout)

@@ -115,17 +115,24 @@ def _semantic_bias(q: Queries, k: Keys, sem_HN, spec: Spec):
   return jnp.einsum("btsn,hn->bhts", onehot, sem_HN.astype(jnp.float32))
 
 
+def _dot_f32(eq: str, a, b):
+  """einsum with float32 accumulation and output. On CPU, low-precision operands are
+  upcast first: XLA:CPU's DotThunk rejects some bf16 x bf16 -> f32 shapes (e.g. a
+  [2,4,1,S] x [2,S,V] decode step) and has no faster bf16 path anyway."""
+  if jax.default_backend() == "cpu":
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+
+
 def logits(q: Queries, k: Keys, spec: Spec, sem_HN=None):
   """Unmasked logits [B, H, T, S] in float32 (the equation in the module doc)."""
-  f32 = jnp.float32
   eq = "bthd,bshd->bhts" if k.main.ndim == 4 else "bthd,bsd->bhts"
-  z = jnp.einsum(eq, q.main, k.main, preferred_element_type=f32)
+  z = _dot_f32(eq, q.main, k.main)
   if q.rope is not None:
-    z = z + jnp.einsum("bthr,bsr->bhts", q.rope, k.rope, preferred_element_type=f32)
+    z = z + _dot_f32("bthr,bsr->bhts", q.rope, k.rope)
   z = z * spec.scale
   if q.extra is not None:
-    z = z + jnp.einsum("bthe,bse->bhts", q.extra, k.extra,
-                       preferred_element_type=f32) * spec.scale
+    z = z + _dot_f32("bthe,bse->bhts", q.extra, k.extra) * spec.scale
   if spec.num_buckets:
     z = z + _semantic_bias(q, k, sem_HN, spec)
   return z
@@ -147,8 +154,7 @@ def mask(q: Queries, k: Keys, spec: Spec):
 
 def _attend_values(p_BHTS, k: Keys):
   eq = "bhts,bshv->bthv" if k.value.ndim == 4 else "bhts,bsv->bthv"
-  return jnp.einsum(eq, p_BHTS.astype(k.value.dtype), k.value,
-                    preferred_element_type=jnp.float32)
+  return _dot_f32(eq, p_BHTS.astype(k.value.dtype), k.value)
 
 
 def full(q: Queries, k: Keys, spec: Spec, sem_HN=None):

@@ -18,7 +18,7 @@ Base MLA (DeepSeek-V2 §2.1, V3 §2.1.1)
 
 Absorbed decoding (only c_s and k^R_s are cached):
   q^N·k^N = (W_UK[:,h] q^N_{t,h})·c_s =: q^L_{t,h}·c_s        (key up-projection into the query)
-  o_{t,h} = W_UV[:,h]ᵀ Σ_s p_{h,t,s} c_s                        (value up-projection into the output)
+  o_{t,h} = W_UV[:,h]ᵀ Σ_s p_{h,t,s} c_s              (value up-projection into the output)
 so attention is multi-query over the L-dim latent, and K/V are never expanded.
 RoPE stays on its own slice (k^R is not a function of c), or absorption breaks.
 
@@ -80,7 +80,6 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bookjax.model import blockwise as core
 from bookjax.model import layers, rope

@@ -64,7 +64,7 @@ def main():
     return phase(args)
   root = os.path.abspath(args.workdir)
   os.makedirs(root, exist_ok=True)
-  cache = os.path.join(root, "jax_cache")
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(root, "jax_cache")
   run = lambda *a: subprocess.run([sys.executable, __file__, *a, "--cache", cache],
                                   capture_output=True, text=True, cwd=common.ROOT)
   result = {}

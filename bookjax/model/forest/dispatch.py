@@ -162,10 +162,10 @@ def expert_ffn_batched(z_ECD, wi_ESD2F, wo_ESFD, dt):
   e, _, d, _, f = wi_ESD2F.shape
   for s in range(wi_ESD2F.shape[1]):
     gu = jnp.einsum("ecd,edf->ecf", z_ECD, wi_ESD2F[:, s].astype(dt).reshape(e, d, 2 * f))
-    f = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gu[..., :f]) * gu[..., f:],
-                   wo_ESFD[:, s].astype(dt))
-    out = f if out is None else out + f
-    z_ECD = z_ECD + f
+    fs = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gu[..., :f]) * gu[..., f:],
+                    wo_ESFD[:, s].astype(dt))
+    out = fs if out is None else out + fs
+    z_ECD = z_ECD + fs
   return out
 
 

@@ -35,20 +35,25 @@ all_to_all transposes to the reverse all_to_all. Routing, losses, statistics and
 the aux-loss-free bias update stay outside the shard_map, in the global (GSPMD)
 view: loads are sums over the whole global batch, never shard-local.
 
-Per-device memory, one forest layer (activation bytes b of the compute dtype,
-p of the param dtype, R = ep * C received rows, bs = block_size):
-  exchange buffers      4 * R * D * b            x sent/received, y sent/received
-                      + 4 * R * K * 4            expert ids and gates, both ways
-  local sorted dispatch (2 * (R*K + bs) * D) * b + sum_r 2 * S_r * (R k_r + bs) * F_r * b
-                         (sorted rows in/out; saved SwiGLU pre-activations per tier,
-                          k_r = top_k_r, or min(top_k, E_r/ep) at depth 1)
-  expert weights        sum_r (E_r / ep) * 3 * S_r * D * F_r * p   (plus their grads)
-Dropless, R = ep * n = B*T / (data*fsdp): the buffers do not shrink with ep (static
-shapes must hold the worst case, every token on one shard), only the weights do.
-Capacity, R ~= capacity_factor * n * K: buffers proportional to the local copies.
-Compute is the true number of routed copies either way (the grouped loop walks
-only the tiles that exist), and devices along axes outside the batch axes (e.g.
-`tensor`) repeat the same work.
+Per-device memory, one forest layer, training (activation bytes b of the compute
+dtype, p of the param dtype; n local tokens, K slots, R = ep * C received rows,
+bs = block_size, tier r: E_r experts, S_r sub-layers of width F_r, k_r copies a
+row can have in the tier = top_k_r, at depth 1 min(top_k, E_r / ep)):
+  exchange buffers   4 * R * D * b             x sent + received, y sent + received
+                   + 4 * R * K * 4             expert ids and gates, both ways
+  local `sorted`     2 * (R * K + bs) * D * b  rows sorted by expert, in and out
+                   + sum_r (R * k_r + bs) * (2 * S_r * F_r + (S_r - 1) * D) * b
+                                               saved SwiGLU pre-activations / inner
+                                               residuals for the hand-written VJP
+  expert weights     sum_r (E_r / ep) * S_r * 3 * D * F_r * p, and as much again
+                     for their gradient (gathered in full over fsdp / tensor inside
+                     the shard_map; sharded again outside it)
+Dropless, C = n so R = ep * n = B*T / (data * fsdp): the token buffers do not shrink
+as ep grows (static shapes must hold the worst case, every local token having a
+copy on every shard), only the weights do. Capacity, R ~= capacity_factor * n * K:
+proportional to the local routed copies. Compute is the true number of routed
+copies either way (the grouped loop walks only the tiles that exist); devices
+along mesh axes outside the batch axes (e.g. `tensor`) repeat the same work.
 """
 from __future__ import annotations
 
