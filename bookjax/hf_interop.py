@@ -530,10 +530,31 @@ def _set(tree: dict, path: Sequence[str], value) -> None:
   tree[path[-1]] = value
 
 
+# The forest stores each tier's gate and up projections side by side, wi
+# [E, S, D, 2, F]; the HF mapping names them separately (virtual leaves
+# <tier>/wi_gate and <tier>/wi_up, [E, S, D, F]) — these helpers translate.
+_GATE_UP = {"wi_gate": 0, "wi_up": 1}
+
+
 def _get(tree: Mapping, path: Sequence[str]):
-  for k in path:
+  *parents, leaf = path
+  for k in parents:
     tree = tree[k]
-  return tree
+  if leaf in _GATE_UP and leaf not in tree and "wi" in tree:
+    return np.asarray(_unbox(tree["wi"]))[..., _GATE_UP[leaf], :]
+  return tree[leaf]
+
+
+def _split_gate_up_shapes(shapes: dict) -> dict:
+  """Expected shapes with each fused wi [.., 2, F] replaced by virtual wi_gate/wi_up."""
+  out = {}
+  for (coll, path), shape in shapes.items():
+    if path[-1] == "wi" and len(shape) == 5 and shape[-2] == 2:
+      for name in _GATE_UP:
+        out[(coll, path[:-1] + (name,))] = shape[:-2] + shape[-1:]
+    else:
+      out[(coll, path)] = shape
+  return out
 
 
 def _unbox(x):
@@ -634,7 +655,7 @@ def import_checkpoint(path: str, *, dtype: str = "float32",
   m = config.model
   q = hf.get("quantization_config") or {}
   reader = CheckpointReader(path, q.get("weight_block_size", (128, 128)))
-  shapes = expected_shapes(m)
+  shapes = _split_gate_up_shapes(expected_shapes(m))
   tied = bool(hf.get("tie_word_embeddings", False))
   npdt = _dtype(dtype)
   notes: list[str] = []
@@ -643,14 +664,25 @@ def import_checkpoint(path: str, *, dtype: str = "float32",
   trees: dict[str, dict] = {"params": {}, "router_bias": {}}
   entries = tensor_map(m)
   seen = set()
+  pending: dict[tuple, dict] = {}
   for e in entries:
     key = (e.collection, e.path)
     if key not in shapes:
       raise UnsupportedCheckpointError(f"bookjax model has no variable {'/'.join(e.path)}")
     dt = np.float32 if e.collection == "router_bias" else npdt
     x = _load_entry(reader, e, shapes[key], dt, tied)
-    _set(trees[e.collection], e.path, on_tensor(e.collection, e.path, x) if on_tensor else x)
     seen.add(key)
+    if e.path[-1] in _GATE_UP:  # fuse once both halves are read
+      halves = pending.setdefault(e.path[:-1], {})
+      halves[e.path[-1]] = x
+      if len(halves) < 2:
+        continue
+      path = e.path[:-1] + ("wi",)
+      x = np.stack([halves.pop("wi_gate"), halves.pop("wi_up")], axis=-2)
+      del pending[e.path[:-1]]
+    else:
+      path = e.path
+    _set(trees[e.collection], path, on_tensor(e.collection, path, x) if on_tensor else x)
   missing = sorted(set(shapes) - seen)
   if missing:
     raise UnsupportedCheckpointError(

@@ -442,3 +442,35 @@ def test_default_configs_validate():
   ffn.validate_config(m.ffn, m, "model.ffn")
   c = config_lib.default_config()
   assert c.model.ffn.forest.dispatch == "sorted"
+
+
+# ----------------------------------------------------------------------------------
+# In the transformer
+# ----------------------------------------------------------------------------------
+
+def test_transformer_blocks_after_dense_layers_use_the_forest():
+  from bookjax.model import transformer  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  m = c.model
+  m.vocab_size, m.d_model, m.num_layers, m.num_dense_layers = 40, D_MODEL, 3, 1
+  m.attention.num_heads, m.attention.head_dim = 2, 8
+  m.ffn.kind = "forest"
+  m.ffn.forest = forest_cfg(3)
+  config_lib.validate_model(m)
+  model = transformer.Transformer(m)
+  bt = (2, 8)
+  batch = dict(inputs=jnp.ones(bt, jnp.int32), targets=jnp.ones(bt, jnp.int32),
+               positions=jnp.tile(jnp.arange(8), (2, 1)), segment_ids=jnp.ones(bt, jnp.int32),
+               sentence_ids=jnp.zeros(bt, jnp.int32), domain=jnp.zeros(bt, jnp.int32))
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), batch))
+  assert set(shapes["router_bias"]) == {"block_1", "block_2"}      # block_0 is dense
+  rng = np.random.default_rng(0)
+  v = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape).astype(np.float32) * 0.1),
+                   shapes)
+  logits, aux = jax.jit(lambda v: model.apply(v, batch, mutable=["losses", "router_stats"]))(v)
+  assert logits.shape == (2, 8, 40)
+  assert set(aux["losses"]) == {"block_1", "block_2"}
+  new = forest.update_router_bias(v["router_bias"], aux["router_stats"], 0.1)
+  assert jax.tree.structure(new) == jax.tree.structure(v["router_bias"])
+  assert any(float(jnp.max(jnp.abs(a - b))) > 0
+             for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(v["router_bias"])))

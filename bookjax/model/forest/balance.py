@@ -22,12 +22,13 @@ Compute-aware tier term. Equal counts are the wrong target *across* tiers: a
   weighted by its cost:
     f_r = share of tier visits (depth 2/3) or routed copies (depth 1) in tier r
     P̄_r = mean_t tier probability (depth 2/3: p_tier; depth 1: sum of s' over r)
-    L_compute = sum_r ĉ_r (f_r - m_r)(P̄_r - m_r) / m_r
-  Its value ~ sum_r ĉ_r (f_r - m_r)^2 / m_r (a cost-weighted chi-square, 0 on
-  budget); its gradient pushes tier r's probability down with force
-  ĉ_r (f_r - m_r) / m_r: over-using the super tier by 10% is corrected ĉ_super /
-  ĉ_light times harder than over-using the light tier by 10%. The only
-  equilibrium is f = m. Realised compute is reported as compute_ratio =
+    L_compute = sum_r ĉ_r (f_r - m_r)^2 / m_r        (value: a cost-weighted chi-square)
+    dL/dθ     = sum_r ĉ_r (f_r - m_r) / m_r * dP̄_r/dθ  (gradient: f held fixed, P̄ moves)
+  i.e. the Switch-style surrogate sum_r ĉ_r (f_r - m_r)(P̄_r - m_r)/m_r with its
+  value replaced by the chi-square. The gradient pushes tier r's probability down
+  with force ĉ_r (f_r - m_r) / m_r: over-using the super tier by 10% is corrected
+  ĉ_super / ĉ_light times harder than over-using the light tier by 10%, and the
+  only equilibrium is f = m (0 on budget). Realised compute is reported as compute_ratio =
   sum_r ĉ_r f_r (1 = on budget).
 Domain supervision (depth 3, optional): cross-entropy of the level-1 router
   against the corpus domain label mapped by domain_label_map.
@@ -107,8 +108,11 @@ def compute_loss(visits_NR, aux: RouterAux, valid_N, cfg, specs):
   f_R = tot_R / jnp.maximum(jnp.sum(tot_R), 1.0)
   v = valid_N.astype(jnp.float32)
   pbar_R = jnp.sum(aux.tier_prob_NR * v[:, None], axis=0) / jnp.maximum(jnp.sum(v), 1.0)
-  loss = jnp.sum(c_R * sg(f_R - m_R) * (pbar_R - m_R) / m_R)
-  return loss, jnp.sum(c_R * f_R)
+  surrogate = jnp.sum(c_R * sg(f_R - m_R) * (pbar_R - m_R) / m_R)
+  chi2 = jnp.sum(c_R * (f_R - m_R) ** 2 / m_R)
+  # Value: the cost-weighted chi-square of the realised mix (>= 0); gradient: the
+  # surrogate's (f held fixed, as in the Switch balance loss).
+  return surrogate + sg(chi2 - surrogate), jnp.sum(c_R * f_R)
 
 
 def router_domain_labels(domain_N, cfg):
