@@ -5,8 +5,7 @@ Run:  python experiments/ablate.py --config=experiments/configs/ablate_attention
         --outdir=workdirs/ablate_attention_dims
 `:quick` shrinks the model, the steps and the evaluation (CI-sized).
 """
-from bookjax import config_lib
-from experiments.configs import tiny
+from bookjax import config_lib, presets
 
 SEEDS = (0, 1)
 POINTS = (
@@ -21,7 +20,7 @@ POINTS = (
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, quick=False, steps=500)
-  c = tiny.get_config(f"runlocal,steps={min(a.steps, 12)}" if a.quick else f"steps={a.steps}")
+  c = presets.tiny(f"runlocal,steps={min(a.steps, 12)}" if a.quick else f"steps={a.steps}")
   c.study = "attention dimensions (dense FFN)"
   c.quick = a.quick
   return c

@@ -12,15 +12,14 @@ Run:  python experiments/ablate.py --config=experiments/configs/ablate_routing_d
         --outdir=workdirs/ablate_routing_depth
 `:quick` shrinks the model, the steps and the evaluation (CI-sized).
 """
-from bookjax import config_lib
-from experiments.configs import tiny
+from bookjax import config_lib, presets
 
 SEEDS = (0, 1)
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, quick=False, steps=600)
-  c = tiny.get_config(f"runlocal,steps={min(a.steps, 12)}" if a.quick else f"steps={a.steps}")
+  c = presets.tiny(f"runlocal,steps={min(a.steps, 12)}" if a.quick else f"steps={a.steps}")
   c.study = "routing depth (equal activated FFN width per token)"
   c.quick = a.quick
   c.model.ffn.d_ff = 128

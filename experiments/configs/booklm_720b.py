@@ -22,7 +22,7 @@ Arguments (big_vision style):
   vocab     vocabulary size (0: take the tokenizer's at train time); default 131072
   layers    override the number of blocks (smoke tests of the shape)
 """
-from bookjax import config_lib
+from bookjax import config_lib, presets
 
 SIZE = dict(
     d_model=7168, num_layers=62, num_dense_layers=3, dense_d_ff=18432,
@@ -36,63 +36,4 @@ SIZE = dict(
 
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, vocab=131072, layers=SIZE["num_layers"])
-  return build(SIZE, vocab=a.vocab, layers=a.layers)
-
-
-def build(s: dict, vocab: int, layers: int):
-  """The BookLM family config for the size table `s`."""
-  c = config_lib.default_config()
-  m = c.model
-  m.vocab_size = vocab
-  m.d_model = s["d_model"]
-  m.num_layers = layers
-  m.num_dense_layers = min(s["num_dense_layers"], layers)
-  m.tie_embeddings = False
-  m.compute_dtype = "bfloat16"
-  m.param_dtype = "float32"
-  m.init_std = 0.006
-
-  at = m.attention
-  at.kind = "mla"
-  at.impl = "blockwise"
-  at.block_size = 512
-  at.num_heads = s["heads"]
-  at.q_lora_rank = s["q_lora_rank"]
-  at.kv_lora_rank = s["kv_lora_rank"]
-  at.qk_nope_head_dim = 128
-  at.qk_rope_head_dim = 64
-  at.v_head_dim = 128
-  at.rope_theta = 10000.0
-  at.dims = "semantic,glyph,cultural"
-  at.semantic.num_buckets = 16
-  at.semantic.num_heads = 0              # every head
-  at.semantic.max_distance = 64
-  at.glyph.num_heads = s["glyph_heads"]
-  at.glyph.head_dim = 64
-  at.glyph.embed_dim = 256
-  at.cultural.num_registers = 8
-  at.cultural.num_heads = s["cultural_heads"]
-  at.yarn.factor = 32.0                  # 4096 * 32 = 131072 positions
-  at.yarn.original_max_len = 4096
-  at.yarn.beta_fast = 32.0
-  at.yarn.beta_slow = 1.0
-  at.yarn.mscale = 1.0
-  at.yarn.mscale_all_dim = 1.0
-
-  m.ffn.kind = "forest"
-  m.ffn.d_ff = s["dense_d_ff"]
-  f = m.ffn.forest
-  f.routing_depth = 3
-  f.num_domains = 3                      # basic / professional / innovative
-  f.tiers = dict(light=dict(s["light"]), deep=dict(s["deep"]), super=dict(s["super"]))
-  f.tier_top_k = 1
-  f.nominal_tier_mix = dict(light=0.6, deep=0.3, super=0.1)
-  f.num_shared = 1
-  f.shared_d_ff = s["shared_d_ff"]
-  f.score_fn = "sigmoid"
-  f.norm_topk = True
-  f.route_scale = 1.0
-
-  c.data.seq_len = 4096
-  c.mesh = dict(data=-1, fsdp=32, expert=8, tensor=1)   # >= 256 devices
-  return c
+  return presets.booklm(SIZE, vocab=a.vocab, layers=a.layers)

@@ -10,10 +10,7 @@ super 0.1, MLA-3D with all three dimensions, 128K context via YaRN (factor 32 on
 
 Arguments (big_vision style): vocab (0: the tokenizer's), layers.
 """
-import importlib.util
-import os
-
-from bookjax import config_lib
+from bookjax import config_lib, presets
 
 SIZE = dict(
     d_model=4096, num_layers=40, num_dense_layers=2, dense_d_ff=11264,
@@ -25,15 +22,6 @@ SIZE = dict(
 )
 
 
-def _family():
-  """booklm_720b.py, loaded by path (config files are loaded by path, not as a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "booklm_720b.py")
-  spec = importlib.util.spec_from_file_location("_booklm_family", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, vocab=131072, layers=SIZE["num_layers"])
-  return _family().build(SIZE, vocab=a.vocab, layers=a.layers)
+  return presets.booklm(SIZE, vocab=a.vocab, layers=a.layers)
