@@ -323,14 +323,26 @@ def _tier_forward(tk: TierKernel, dt, x_PD, y_PD, w2, starts_E1, save: bool):
   return y_PD, saves
 
 
+def _add_at(dw, e, part):
+  """dw[e] += part (one read-modify-write of a single expert's slice)."""
+  return _dus(dw, _ds(dw, e, 1) + part[None], e, 0)
+
+
 def _tier_backward(tk: TierKernel, dt, x_PD, dy_PD, dx_PD, w2, starts_E1, saves):
-  """VJP of `_tier_forward`: the tier's rows of dx, and dW of its experts."""
+  """VJP of `_tier_forward`: the tier's rows of dx, and dW of its experts.
+
+  dW contributions of consecutive tiles of one expert are summed in the loop
+  carry and added to dW once, when the expert changes (lax.cond: no copy of dW),
+  instead of a read-modify-write of dW[e] per tile.
+  """
   tier_start = starts_E1[0]
   tables = tile_tables(starts_E1, tk.classes, tk.local_rows - tk.classes[0])
   dw = tuple(jnp.zeros(w.shape, jnp.float32) for w in w2)
+  flush = lambda dw, acc, e: tuple(_add_at(d, e, a) for d, a in zip(dw, acc))
+  keep = lambda dw, acc, e: dw
   for b, tab in zip(tk.classes, tables):
     def body(t, carry, b=b, tab=tab):
-      dx, dwi, dwo = carry
+      dx, dw, acc, prev = carry
       e, r = tab.expert_T[t], tab.row_T[t]
       mask = (jnp.arange(b) < tab.valid_T[t])[:, None]
       lr = r - tier_start
@@ -341,13 +353,14 @@ def _tier_backward(tk: TierKernel, dt, x_PD, dy_PD, dx_PD, w2, starts_E1, saves)
       rows = lambda bufs: [_ds(v, lr, b) for v in bufs]
       dxb, gi, go = _sublayers_bwd(_ds(x_PD, r, b), dyb, rows(saves["gu"]), rows(saves["z"]),
                                    wi, wo)
-      import os
-      if os.environ.get('NORMW'):
-        acc = lambda dw, part: dw + 0 * jnp.sum(part)
-      else:
-        acc = lambda dw, part: _dus(dw, _ds(dw, e, 1) + part[None], e, 0)
-      return _put(dx, dxb, r, mask), acc(dwi, gi), acc(dwo, go)
-    dx_PD, *dw = jax.lax.fori_loop(0, tab.count, body, (dx_PD,) + tuple(dw))
+      changed = e != prev
+      dw = jax.lax.cond(changed & (prev >= 0), flush, keep, dw, acc, prev)
+      acc = tuple(jnp.where(changed, part, a + part) for a, part in zip(acc, (gi, go)))
+      return _put(dx, dxb, r, mask), dw, acc, e
+    acc0 = tuple(jnp.zeros(w.shape[1:], jnp.float32) for w in w2)
+    dx_PD, dw, acc, last = jax.lax.fori_loop(0, tab.count, body,
+                                             (dx_PD, dw, acc0, jnp.int32(-1)))
+    dw = jax.lax.cond(last >= 0, flush, keep, dw, acc, last)
   return dx_PD, tuple(d.astype(w.dtype) for d, w in zip(dw, w2))
 
 
