@@ -9,7 +9,7 @@ talk through gloo collectives. `scripts/launch_local.sh -n 2 -d 4 -- python
 experiments/train.py ...` starts N processes with D emulated CPU devices each on
 loopback. Only process 0 writes metrics; all processes write checkpoints (orbax).
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -26,6 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO chatter off; -v 0 turns it on
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value or _NUM_PROCESSES.value or _DISTRIBUTED.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only; harmless else
