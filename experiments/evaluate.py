@@ -5,7 +5,7 @@ at real C-Eval CSV files (`<subject>_dev.csv`, `<subject>_val.csv`).
 """
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained workdir.")
 _QUICK = flags.DEFINE_bool("quick", False, "Small evaluation sets.")
@@ -16,6 +16,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO chatter off; -v 0 turns it on
+    logging.set_verbosity(logging.WARNING)
   from bookjax import evaluate  # pylint: disable=g-import-not-at-top
   res = evaluate.evaluate_workdir(_WORKDIR.value, quick=_QUICK.value)
   if _CEVAL_DIR.value:

@@ -90,3 +90,27 @@ def test_passkey_prompt_places_key_at_depth():
 def test_wilson_interval():
   lo, hi = evaluate.wilson_interval(50, 100)
   assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+class _UniformLM:
+  """A flax-free stand-in with the model API: uniform logits over V tokens."""
+
+  def __init__(self, vocab_size):
+    self.vocab_size = vocab_size
+
+  def apply(self, variables, batch, mutable=()):
+    import jax.numpy as jnp
+    return jnp.zeros(batch["inputs"].shape + (self.vocab_size,)), {}
+
+
+def test_bits_per_char_of_a_uniform_model_is_exact(test_docs):
+  from bookjax.data import pipeline, tokenizer as tok_lib
+  docs = [d for d in test_docs][:200]
+  tok = tok_lib.CharTokenizer.build([d.text for d in docs], min_count=1)
+  res = evaluate.bits_per_char(_UniformLM(tok.vocab_size), {}, docs, tok, seq_len=32,
+                               batch_size=4)
+  tokens = chars = 0.0
+  for b in evaluate.stratified_batches(docs, tok, seq_len=32, batch_size=4, per_domain=None):
+    tokens += b["weights"].sum()
+    chars += b["chars"].sum()
+  assert res["overall"] == pytest.approx(np.log2(tok.vocab_size) * tokens / chars, rel=1e-6)

@@ -488,32 +488,52 @@ def capacity_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
   return y_ND, DispatchInfo(routed, routed - kept)
 
 
+# XLA:CPU lowers ragged_dot densely, materialising [groups, rows, features]: run it
+# over row chunks there so that memory stays bounded (the compute stays dense).
+CPU_RAGGED_CHUNK_ROWS = 1024
+
+
+def _ragged_expert(z_MD, wi, wo, sizes_E, f: int, dt):
+  """One tier's experts on rows grouped by expert (sizes_E), via ragged_dot."""
+  out = None
+  for d in range(wi.shape[1]):
+    wi_d = wi[:, d].astype(dt).reshape(wi.shape[0], -1, 2 * f)
+    gu = jax.lax.ragged_dot(z_MD, wi_d, sizes_E)
+    f_d = jax.lax.ragged_dot(jax.nn.silu(gu[:, :f]) * gu[:, f:], wo[:, d].astype(dt), sizes_E)
+    out = f_d if out is None else out + f_d
+    z_MD = z_MD + f_d
+  return out
+
+
 def ragged_dot_dispatch(x_ND, route: Route, weights, specs, cfg, dt):
   """Sorted copies through jax.lax.ragged_dot per tier (accelerators, benchmark).
 
   Each tier reads a static window of tier_row_bound rows starting at its first
   sorted row; rows past its groups come out 0 and later tiers overwrite them.
+  On CPU the window is cut into chunks of CPU_RAGGED_CHUNK_ROWS rows, each a
+  ragged_dot whose group sizes are the groups' overlaps with the chunk.
   """
-  n, k = route.expert_NK.shape
+  n, _ = route.expert_NK.shape
   e_total = sum(s.num_experts for s in specs)
+  chunk = CPU_RAGGED_CHUNK_ROWS if jax.default_backend() == "cpu" else None
   bounds = [tier_row_bound(cfg, s, n) for s in specs]
-  plan = make_plan(route.expert_NK, e_total, pad_rows=max(bounds))
+  windows = [b if chunk is None else -(-b // chunk) * chunk for b in bounds]
+  plan = make_plan(route.expert_NK, e_total, pad_rows=max(windows))
   x_PD = gather_rows(x_ND.astype(dt), plan.src_P1, plan.pos_NK)
   y_PD = jnp.zeros(x_PD.shape, dt)
-  for s, w, bound in zip(specs, weights, bounds):
+  for s, w, window in zip(specs, weights, windows):
     start = plan.starts_E1[s.offset]
-    sizes = (plan.starts_E1[s.offset + 1:s.offset + s.num_experts + 1]
-             - plan.starts_E1[s.offset:s.offset + s.num_experts]).astype(jnp.int32)
-    z = _ds(x_PD, start, bound)
-    out = None
+    edges = plan.starts_E1[s.offset:s.offset + s.num_experts + 1] - start
+    z = _ds(x_PD, start, window)
     wi, wo = _weights(w)
-    f = s.d_ff
-    for d in range(s.depth):
-      wi_d = wi[:, d].astype(dt).reshape(s.num_experts, -1, 2 * f)
-      gu = jax.lax.ragged_dot(z, wi_d, sizes)
-      f_d = jax.lax.ragged_dot(jax.nn.silu(gu[:, :f]) * gu[:, f:], wo[:, d].astype(dt), sizes)
-      out = f_d if out is None else out + f_d
-      z = z + f_d
+    if chunk is None or window == chunk:
+      out = _ragged_expert(z, wi, wo, (edges[1:] - edges[:-1]).astype(jnp.int32), s.d_ff, dt)
+    else:
+      lo = jnp.arange(0, window, chunk, dtype=jnp.int32)[:, None]
+      sizes_CE = jnp.clip(jnp.minimum(edges[None, 1:], lo + chunk)
+                          - jnp.maximum(edges[None, :-1], lo), 0, chunk).astype(jnp.int32)
+      out = jax.lax.map(lambda a: _ragged_expert(a[0], wi, wo, a[1], s.d_ff, dt),
+                        (z.reshape(-1, chunk, z.shape[1]), sizes_CE)).reshape(z.shape)
     y_PD = _dus(y_PD, out, start, 0)
   y_PD = y_PD * _gate_sorted(route, plan).astype(dt)
   y_ND = gather_rows(y_PD, plan.pos_NK, plan.src_P1)
