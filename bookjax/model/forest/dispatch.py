@@ -18,15 +18,33 @@ Back-ends:
               XLA:CPU lowers it densely, every row through every expert).
   dense_loop  Python loop over all experts on all tokens: the test oracle.
 
-Why `sorted` looks the way it does (XLA:CPU, measured): scatters (`.at[].add`)
-are slow, so every data movement is a gather whose transpose is the gather with
-the inverse permutation (`gather_rows`); a static-shape [blocks, rows, D] buffer
-would have to be sized for the worst case (every token in one tier), so instead a
-while loop walks only the tiles that exist: each expert's rows are cut into tiles
-of block_size rows, and its remainder into power-of-two tiles down to
-min_block_size, so padding is < min_block_size rows per expert, and the loop
-trip count is the true tile count. The loop has a hand-written VJP (recomputing
-nothing: the forward saves the SwiGLU pre-activations per tier).
+The `sorted` algorithm (N tokens, K slots, E experts, P = N*K + block_size rows):
+  1. make_plan: sort the N*K copies by expert id (one integer sort of the
+     composite key e*NK + copy, i.e. a stable argsort), inactive copies (id E)
+     last; per-expert group starts by binary search; the inverse permutation.
+  2. x_PD = x[token of sorted row p] (gather; zero rows past the active copies).
+  3. grouped_ffn, per tier: each expert's rows [start_e, start_e + c_e) are cut
+     into full tiles of block_size rows, and the rest, rounded up to a multiple of
+     min_block_size, into at most one tile of each smaller power of two (padding
+     < min_block_size rows per expert). One flat while loop per tile size walks
+     the tiles that
+     exist (the trip count is the true tile count, read from small tile tables
+     built with cumsum + searchsorted); its body slices the tile's rows and its
+     expert's weights and runs the expert's sub-layers as plain matmuls; rows past
+     the expert's end are masked out of every write.
+  4. y_PD *= gate of sorted row p; y[n] = sum_k y_PD[pos[n, k]] (a gather-sum).
+
+Why (XLA:CPU, measured on 2 cores): scatters (`.at[].add`) are slow, so every
+data movement is a gather whose VJP is the gather with the inverse permutation
+(`gather_rows`); a static [blocks, rows, D] buffer would have to be sized for
+the worst case (every token in one tier: the super tier's buffer alone would
+cost as much as routing every token there), so the loop instead runs exactly the
+tiles that exist; flat loops rather than an expert loop with a tile loop inside
+(nesting made XLA copy the carried row buffers on every outer iteration); a
+hand-written VJP (while loops are not reverse-differentiable) that recomputes
+nothing: the forward saves each tile's gate/up pre-activations (and the inputs
+of inner sub-layers) in tier-local buffers, and the backward sums each expert's
+weight gradient over its consecutive tiles in the loop carry.
 """
 from __future__ import annotations
 
@@ -170,13 +188,14 @@ def expert_ffn_batched(z_ECD, wi_ESD2F, wo_ESFD, dt):
 
 
 def _sublayers_fwd(z, wi, wo):
-  """One expert on a tile: (out, [gate|up pre-activations per sub-layer],
-  [sub-layer inputs z_s for s >= 1])."""
+  """G tiles, each through its own expert: z [G, b, D], wi [G, S, D, 2, F],
+  wo [G, S, F, D] -> (out [G, b, D], [gate|up pre-activations [G, b, 2F] per
+  sub-layer], [sub-layer inputs z_s for s >= 1])."""
   out, gus, zs = None, [], []
-  f = wo.shape[1]
-  for s in range(wi.shape[0]):
-    gu = z @ wi[s].reshape(-1, 2 * f)
-    fs = (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ wo[s]
+  g_, depth, d, _, f = wi.shape
+  for s in range(depth):
+    gu = jnp.einsum("gbd,gdf->gbf", z, wi[:, s].reshape(g_, d, 2 * f))
+    fs = jnp.einsum("gbf,gfd->gbd", jax.nn.silu(gu[..., :f]) * gu[..., f:], wo[:, s])
     gus.append(gu)
     if s > 0:
       zs.append(z)
@@ -186,29 +205,30 @@ def _sublayers_fwd(z, wi, wo):
 
 
 def _sublayers_bwd(xb, dyb, gus, zs, wi, wo):
-  """VJP of `_sublayers_fwd` on a tile: (dx, dwi [S, D, 2, F], dwo [S, F, D]), f32.
+  """VJP of `_sublayers_fwd`: (dx [G, b, D], dwi [G, S, D, 2, F], dwo [G, S, F, D]),
+  the weight gradients in float32.
 
   With out = sum_s f_s and z_s = z_{s-1} + f_s: f_s receives dy plus a_s, the
   gradient that reached z_s from the sub-layers above; a_{s-1} = a_s + J_s^T(..).
   """
-  f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
-  depth, d, _, f = wi.shape
+  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  g_, depth, d, _, f = wi.shape
   a = None
   gi, go = [None] * depth, [None] * depth
   for s in reversed(range(depth)):
     df = dyb if a is None else dyb + a
-    g, u = gus[s][:, :f], gus[s][:, f:]
+    g, u = gus[s][..., :f], gus[s][..., f:]
     z_in = xb if s == 0 else zs[s - 1]
     sg = jax.nn.sigmoid(g)
     act = g * sg
-    dh = df @ wo[s].T
-    go[s] = f32((act * u).T, df)
+    dh = jnp.einsum("gbd,gfd->gbf", df, wo[:, s])
+    go[s] = f32("gbf,gbd->gfd", act * u, df)
     # silu'(g) = sg (1 + g (1 - sg)); gate and up gradients side by side.
-    dgu = jnp.concatenate([dh * u * (sg * (1 + g * (1 - sg))), dh * act], axis=1)
-    gi[s] = f32(z_in.T, dgu).reshape(d, 2, f)
-    dz = dgu @ wi[s].reshape(d, 2 * f).T
+    dgu = jnp.concatenate([dh * u * (sg * (1 + g * (1 - sg))), dh * act], axis=-1)
+    gi[s] = f32("gbd,gbf->gdf", z_in, dgu).reshape(g_, d, 2, f)
+    dz = jnp.einsum("gbf,gdf->gbd", dgu, wi[:, s].reshape(g_, d, 2 * f))
     a = dz if a is None else a + dz
-  return a, jnp.stack(gi), jnp.stack(go)
+  return a, jnp.stack(gi, axis=1), jnp.stack(go, axis=1)
 
 
 # ----------------------------------------------------------------------------------
@@ -216,8 +236,12 @@ def _sublayers_bwd(xb, dyb, gus, zs, wi, wo):
 # ----------------------------------------------------------------------------------
 
 def block_classes(block_size: int, min_block_size: int) -> tuple[int, ...]:
-  """Tile sizes: every multiple of min_block_size up to block_size, largest first."""
-  return tuple(range(block_size, 0, -min_block_size))
+  """Tile sizes block_size, block_size / 2, ..., min_block_size (powers of two)."""
+  out, b = [], block_size
+  while b >= min_block_size:
+    out.append(b)
+    b //= 2
+  return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,11 +293,12 @@ def _table(n_tiles_E, first_E, stride: int, counts_E, starts_E, size: int, max_t
 def tile_tables(starts_E1, classes, max_rows: int) -> tuple[TileTable, ...]:
   """Cuts each expert's c_e rows into tiles, one table per tile size.
 
-  Full tiles of classes[0] rows, then one tail tile holding the remainder rounded
-  up to a multiple of classes[-1]: padding < classes[-1] rows per expert, and at
-  most one small matmul per expert. starts_E1: [E_r + 1] sorted-row boundaries of
-  the tier's experts; max_rows: static bound on the tier's rows (sizes the
-  tables, not the work).
+  Full tiles of classes[0] rows, then the remainder rounded up to a multiple of
+  classes[-1], as at most one tile of each smaller size (its binary digits,
+  largest first): padding < classes[-1] rows per expert, at most len(classes)
+  tiles beyond the full ones. starts_E1: [E_r + 1] sorted-row boundaries of the
+  tier's experts; max_rows: static bound on the tier's rows (sizes the tables,
+  not the work).
   """
   big, step = classes[0], classes[-1]
   counts = (starts_E1[1:] - starts_E1[:-1]).astype(jnp.int32)
@@ -287,19 +312,55 @@ def tile_tables(starts_E1, classes, max_rows: int) -> tuple[TileTable, ...]:
   tables = [_table(full, jnp.zeros_like(counts), big, counts, starts, big,
                    max_rows // big + min(num_e, max_rows))]
   for b in classes[1:]:
-    tables.append(_table((rem == b).astype(jnp.int32), full * big, b, counts, starts, b,
+    first = full * big + (rem // (2 * b)) * (2 * b)      # after the larger digits
+    tables.append(_table(((rem & b) != 0).astype(jnp.int32), first, b, counts, starts, b,
                          max(1, min(num_e, max_rows // (b - step + 1)))))
   return tuple(tables)
+
+
+# Tiles of one size are run G at a time as one batched matmul, G = TILE_GROUP_ROWS
+# // tile size (at least 1): fewer loop iterations and bigger matmuls; the last
+# group of each size may carry up to G - 1 empty tiles.
+TILE_GROUP_ROWS = 256
+
+
+class _Group(NamedTuple):
+  """G consecutive tiles of one table: expert, first row, row mask [G, b, 1]."""
+  expert: jnp.ndarray
+  row: jnp.ndarray
+  mask: jnp.ndarray
+
+
+def _group(tab: TileTable, i, g: int, b: int) -> _Group:
+  t = i * g + jnp.arange(g, dtype=jnp.int32)
+  tc = jnp.minimum(t, tab.expert_T.shape[0] - 1)
+  valid = jnp.where(t < tab.count, tab.valid_T[tc], 0)
+  return _Group(tab.expert_T[tc], tab.row_T[tc],
+                (jnp.arange(b)[None, :] < valid[:, None])[..., None])
+
+
+def _rows(buf, rows_G, b: int):
+  return jnp.stack([_ds(buf, r, b) for r in rows_G])
+
+
+def _put_rows(buf, blk_G, rows_G, mask_G):
+  for g in range(blk_G.shape[0]):
+    buf = _put(buf, blk_G[g], rows_G[g], mask_G[g])
+  return buf
+
+
+def _n_groups(tab: TileTable, g: int):
+  return (tab.count + g - 1) // g
 
 
 def _tier_forward(tk: TierKernel, dt, x_PD, y_PD, w2, starts_E1, save: bool):
   """Runs one tier's experts on their sorted rows, writing those rows of y.
 
   One flat while loop per tile size over the tiles that exist (trip count =
-  true tile count). Flat on purpose: nesting a tile loop inside an expert loop
-  made XLA copy the big carried buffers on every outer iteration. Returns (y,
-  saved pre-activations and sub-layer inputs in tier-local rows): the backward
-  then recomputes nothing.
+  true tile count / G). Flat on purpose: nesting a tile loop inside an expert
+  loop made XLA copy the big carried buffers on every outer iteration. Returns
+  (y, saved pre-activations and sub-layer inputs in tier-local rows): the
+  backward then recomputes nothing.
   """
   d, f = x_PD.shape[1], w2[1].shape[-2]
   tier_start = starts_E1[0]
@@ -309,17 +370,19 @@ def _tier_forward(tk: TierKernel, dt, x_PD, y_PD, w2, starts_E1, save: bool):
                  z=[jnp.zeros((tk.local_rows, d), dt) for _ in range(tk.depth - 1)])
   tables = tile_tables(starts_E1, tk.classes, tk.local_rows - tk.classes[0])
   for b, tab in zip(tk.classes, tables):
-    def body(t, carry, b=b, tab=tab):
+    g = max(1, TILE_GROUP_ROWS // b)
+
+    def body(i, carry, b=b, tab=tab, g=g):
       y, sv = carry
-      r, mask = tab.row_T[t], (jnp.arange(b) < tab.valid_T[t])[:, None]
-      wi, wo = (_ds(w, tab.expert_T[t], 1)[0].astype(dt) for w in w2)
-      out, gus, zs = _sublayers_fwd(_ds(x_PD, r, b), wi, wo)
+      grp = _group(tab, i, g, b)
+      wi, wo = (jnp.take(w, grp.expert, axis=0).astype(dt) for w in w2)
+      out, gus, zs = _sublayers_fwd(_rows(x_PD, grp.row, b), wi, wo)
       if sv is not None:
-        lr = r - tier_start
-        sv = dict(gu=[_put(buf, v, lr, mask) for buf, v in zip(sv["gu"], gus)],
-                  z=[_put(buf, v, lr, mask) for buf, v in zip(sv["z"], zs)])
-      return _put(y, out, r, mask), sv
-    y_PD, saves = jax.lax.fori_loop(0, tab.count, body, (y_PD, saves))
+        lr = grp.row - tier_start
+        sv = dict(gu=[_put_rows(buf, v, lr, grp.mask) for buf, v in zip(sv["gu"], gus)],
+                  z=[_put_rows(buf, v, lr, grp.mask) for buf, v in zip(sv["z"], zs)])
+      return _put_rows(y, out, grp.row, grp.mask), sv
+    y_PD, saves = jax.lax.fori_loop(0, _n_groups(tab, g), body, (y_PD, saves))
   return y_PD, saves
 
 
@@ -341,24 +404,28 @@ def _tier_backward(tk: TierKernel, dt, x_PD, dy_PD, dx_PD, w2, starts_E1, saves)
   flush = lambda dw, acc, e: tuple(_add_at(d, e, a) for d, a in zip(dw, acc))
   keep = lambda dw, acc, e: dw
   for b, tab in zip(tk.classes, tables):
-    def body(t, carry, b=b, tab=tab):
+    g = max(1, TILE_GROUP_ROWS // b)
+
+    def body(i, carry, b=b, tab=tab, g=g):
       dx, dw, acc, prev = carry
-      e, r = tab.expert_T[t], tab.row_T[t]
-      mask = (jnp.arange(b) < tab.valid_T[t])[:, None]
-      lr = r - tier_start
-      wi, wo = (_ds(w, e, 1)[0].astype(dt) for w in w2)
-      # Rows past the expert's end hold other experts' data: zero their dy so
-      # they add nothing to this expert's dW.
-      dyb = jnp.where(mask, _ds(dy_PD, r, b), 0).astype(dt)
-      rows = lambda bufs: [_ds(v, lr, b) for v in bufs]
-      dxb, gi, go = _sublayers_bwd(_ds(x_PD, r, b), dyb, rows(saves["gu"]), rows(saves["z"]),
-                                   wi, wo)
-      changed = e != prev
-      dw = jax.lax.cond(changed & (prev >= 0), flush, keep, dw, acc, prev)
-      acc = tuple(jnp.where(changed, part, a + part) for a, part in zip(acc, (gi, go)))
-      return _put(dx, dxb, r, mask), dw, acc, e
+      grp = _group(tab, i, g, b)
+      wi, wo = (jnp.take(w, grp.expert, axis=0).astype(dt) for w in w2)
+      lr = grp.row - tier_start
+      # Rows past an expert's end hold other experts' data: zero their dy so they
+      # add nothing to this expert's dW (empty tiles are all-masked).
+      dyb = jnp.where(grp.mask, _rows(dy_PD, grp.row, b), 0).astype(dt)
+      rows = lambda bufs: [_rows(v, lr, b) for v in bufs]
+      dxb, gi, go = _sublayers_bwd(_rows(x_PD, grp.row, b), dyb, rows(saves["gu"]),
+                                   rows(saves["z"]), wi, wo)
+      for j in range(g):
+        e = jnp.where(jnp.any(grp.mask[j]), grp.expert[j], prev)   # empty tile: no change
+        changed = e != prev
+        dw = jax.lax.cond(changed & (prev >= 0), flush, keep, dw, acc, prev)
+        acc = tuple(jnp.where(changed, part[j], a + part[j]) for a, part in zip(acc, (gi, go)))
+        prev = e
+      return _put_rows(dx, dxb, grp.row, grp.mask), dw, acc, prev
     acc0 = tuple(jnp.zeros(w.shape[1:], jnp.float32) for w in w2)
-    dx_PD, dw, acc, last = jax.lax.fori_loop(0, tab.count, body,
+    dx_PD, dw, acc, last = jax.lax.fori_loop(0, _n_groups(tab, g), body,
                                              (dx_PD, dw, acc0, jnp.int32(-1)))
     dw = jax.lax.cond(last >= 0, flush, keep, dw, acc, last)
   return dx_PD, tuple(d.astype(w.dtype) for d, w in zip(dw, w2))

@@ -10,7 +10,6 @@ global ids 0..E-1 in that order: tier r owns ids [offset_r, offset_r + E_r).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 TIER_NAMES = ("light", "deep", "super")
@@ -264,11 +263,3 @@ def describe(cfg: Any) -> str:
   """One line per tier, for logs."""
   return "; ".join(f"{s.name}: {s.num_experts}x(d_ff={s.d_ff}, depth={s.depth}), top_k={s.top_k}"
                    for s in tier_specs(cfg))
-
-
-def ceil_div(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def next_pow2(v: int) -> int:
-  return 1 << max(0, math.ceil(math.log2(max(v, 1))))
