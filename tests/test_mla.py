@@ -380,7 +380,8 @@ def test_yarn_matches_hf_transformers():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   from transformers import DeepseekV3Config
-  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
   params = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, beta_fast=32, beta_slow=1,
                 mscale=0.707, mscale_all_dim=1.0, original_max_position_embeddings=4096)
   hf_cfg = DeepseekV3Config(qk_rope_head_dim=64, rope_parameters=params,
@@ -390,7 +391,8 @@ def test_yarn_matches_hf_transformers():
                                      beta_slow=1.0, mscale=0.707, mscale_all_dim=1.0))
   np.testing.assert_allclose(rope.rope_inv_freq(64, 1e4, y), inv.numpy(), rtol=1e-6)
   assert rope.yarn_attention_factor(y) == pytest.approx(factor)
-  assert rope.softmax_scale(192, y) == pytest.approx(yarn_apply_mscale(params, 192 ** -0.5))
+  # HF's attention layer applies its own YaRN mscale to the softmax scale.
+  assert rope.softmax_scale(192, y) == pytest.approx(DeepseekV3Attention(hf_cfg, 0).scaling)
 
 
 def test_sentence_distance_buckets_on_packed_example():
