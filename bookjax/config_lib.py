@@ -110,8 +110,8 @@ def default_forest_config() -> ml_collections.ConfigDict:
       route_scale=1.0,           # multiplies every routed gate
       dispatch="sorted",         # 'sorted' | 'capacity' | 'ragged_dot' | 'dense_loop'
       capacity_factor=1.25,      # 'capacity': slots per expert / expected load
-      block_size=64,             # 'sorted': largest row tile of the grouped matmul
-      min_block_size=16,         # 'sorted': smallest tile (bounds padding per expert)
+      block_size=128,            # 'sorted': full row tile of the grouped matmul (power of 2)
+      min_block_size=16,         # 'sorted': smallest tile; padding < this per expert
       bias_update_rate=1e-3,     # aux-loss-free bias step (0: off)
       balance_loss_weight=1e-3,  # sequence-wise balance loss
       z_loss_weight=1e-4,        # router z-loss

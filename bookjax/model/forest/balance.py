@@ -45,7 +45,7 @@ weight decay touches it.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax
 import jax
@@ -58,14 +58,21 @@ sg = jax.lax.stop_gradient
 
 
 def per_sequence_counts(route: Route, specs, num_seqs: int):
-  """Per tier: copies per sequence and expert, float32 [B, E_r]."""
-  n, _ = route.expert_NK.shape
+  """Per tier: copies per sequence and expert, float32 [B, E_r].
+
+  A scatter-add of N*K ones (integer bookkeeping, not row data: on XLA:CPU ~10x
+  cheaper than summing an [N, K, E_r] one-hot).
+  """
+  n, k = route.expert_NK.shape
+  seq_NK = jnp.broadcast_to((jnp.arange(n) // (n // num_seqs))[:, None], (n, k))
   out = []
   for s in specs:
     local = route.expert_NK - s.offset
-    onehot_NKE = local[..., None] == jnp.arange(s.num_experts, dtype=local.dtype)
-    per_tok = jnp.sum(onehot_NKE, axis=1, dtype=jnp.float32)
-    out.append(jnp.sum(per_tok.reshape(num_seqs, n // num_seqs, s.num_experts), axis=1))
+    ok = (local >= 0) & (local < s.num_experts)
+    size = num_seqs * s.num_experts
+    idx = jnp.where(ok, seq_NK * s.num_experts + local, size).reshape(-1)
+    flat = jnp.zeros((size + 1,), jnp.float32).at[idx].add(1.0)
+    out.append(flat[:size].reshape(num_seqs, s.num_experts))
   return out
 
 
