@@ -112,6 +112,8 @@ def default_forest_config() -> ml_collections.ConfigDict:
       capacity_factor=1.25,      # 'capacity': slots per expert / expected load
       block_size=128,            # 'sorted': full row tile of the grouped matmul (power of 2)
       min_block_size=16,         # 'sorted': smallest tile; padding < this per expert
+      batched_factor=0.75,       # 'sorted': rows/expert run as one batched einsum,
+                                 #   x nominal load; the rest via the tile loop (0: loop only)
       bias_update_rate=1e-3,     # aux-loss-free bias step (0: off)
       balance_loss_weight=1e-3,  # sequence-wise balance loss
       z_loss_weight=1e-4,        # router z-loss

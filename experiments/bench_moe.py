@@ -12,6 +12,12 @@ and divides each by
   (e) ideal       the same routed FLOPs (the tier loads of this batch) as perfectly
                   balanced batched einsums [E_r, C_r, D] with no routing at all.
 
+A second table (--train_compare, on by default) times whole training steps
+(forward, backward, AdamW, bias update) of the tiny models of the routing-depth
+study (experiments/configs/ablate_routing_depth.py): the dense FFN and the forest
+at routing depth 1 / 2 / 3, all with the same activated FFN width per token, and
+prints each forest's tokens/s as a fraction of the dense model's.
+
 Layouts: 'E' is a single light tier of E experts with top_k 4 and d_ff = width/4;
 'L/D/S' is light L (d_ff width/4, top_k 4) / deep D (depth 2, d_ff width/4,
 top_k 2) / super S (d_ff width, top_k 1): every token activates `width` hidden
@@ -26,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -35,6 +42,7 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bookjax import config_lib
 from bookjax.model import forest
@@ -51,10 +59,15 @@ _DEPTH = flags.DEFINE_integer("routing_depth", 3, "Routing depth of the forest."
 _CF = flags.DEFINE_float("capacity_factor", 1.25, "Capacity factor of (b).")
 _BLOCK = flags.DEFINE_integer("block_size", 0, "Override forest.block_size (0: config default).")
 _MIN_BLOCK = flags.DEFINE_integer("min_block_size", 0, "Override forest.min_block_size.")
+_BATCHED = flags.DEFINE_float("batched_factor", -1.0,
+                              "Override forest.batched_factor of (a) (< 0: config default).")
 _REPS = flags.DEFINE_integer("reps", 7, "Timed repetitions of the fast rows (interleaved).")
 _SLOW_REPS = flags.DEFINE_integer("slow_reps", 1, "Timed repetitions of ragged_dot and dense.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny shapes, few reps: a seconds-long smoke run.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write every row as JSON here.")
+_TRAIN = flags.DEFINE_bool("train_compare", True,
+                            "Also time tiny forest vs FLOP-matched dense training steps.")
+_TRAIN_REPS = flags.DEFINE_integer("train_reps", 20, "Timed train steps per model (interleaved).")
 _TUNE_MALLOC = flags.DEFINE_bool(
     "tune_malloc", True, "Keep freed memory in the heap (mallopt), for every row alike.")
 
@@ -206,7 +219,7 @@ def tier_copies_of(fcfg, mcfg, tokens: int) -> tuple[dict[str, int], dict[str, A
 
 
 def run(layouts, methods, tokens, d_model, width, routing_depth, capacity_factor, reps,
-        slow_reps, block_size=0, min_block_size=0) -> list[dict[str, Any]]:
+        slow_reps, block_size=0, min_block_size=0, batched_factor=-1.0) -> list[dict[str, Any]]:
   """Measures every (layout, method); returns one dict per row."""
   mcfg = model_config(d_model)
   rows = []
@@ -216,6 +229,8 @@ def run(layouts, methods, tokens, d_model, width, routing_depth, capacity_factor
       over["block_size"] = block_size
     if min_block_size:
       over["min_block_size"] = min_block_size
+    if batched_factor >= 0:
+      over["batched_factor"] = batched_factor
     base = layout_config(layout, width, routing_depth, **over)
     forest.validate_config(base, mcfg, "bench.forest")
     copies, stats = tier_copies_of(base, mcfg, tokens)
@@ -256,12 +271,83 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------
+# Whole training steps: tiny forest vs FLOP-matched dense
+# ----------------------------------------------------------------------------------
+
+STUDY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                     "ablate_routing_depth.py")
+TRAIN_POINTS = ("dense", "depth1", "depth2", "depth3")
+# The embedded corpus' vocabulary is ~9.6K symbols; random token ids of a fixed
+# vocabulary give the same step cost without loading the corpus.
+TRAIN_VOCAB = 9728
+
+
+def train_step_fns(study_arg: str | None = None, points=TRAIN_POINTS):
+  """{point: (step_fn, [state], batch)} for the routing-depth study's seed-0 points."""
+  from bookjax import ablation, sharding, train  # pylint: disable=g-import-not-at-top
+  module, _ = ablation.load_study(STUDY)
+  base = module.get_config(study_arg)
+  by_name = {p.point: p for p in ablation.points_of(module) if p.seed == 0}
+  out = {}
+  for name in points:
+    cfg = train.with_vocab(ablation.point_config(base, by_name[name]), TRAIN_VOCAB)
+    config_lib.validate(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.logical_rules(cfg.mesh_rules)
+    model = train.build_model(cfg.model, None)
+    tx = train.make_optimizer(cfg.train)
+    state = train.create_train_state(model, tx, cfg, mesh, rules)
+    b, t = cfg.data.batch_size, cfg.data.seq_len
+    batch = train.dummy_batch(b, t)
+    rng = np.random.default_rng(0)
+    batch["inputs"] = rng.integers(4, TRAIN_VOCAB, (b, t), dtype=np.int32)
+    batch["targets"] = rng.integers(4, TRAIN_VOCAB, (b, t), dtype=np.int32)
+    batch["weights"] = np.ones((b, t), np.float32)
+    batch["chars"] = np.ones((b, t), np.float32)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      step = train.jit_train_step(model, tx, cfg, mesh, rules)
+      put = sharding.put_batch(batch, sharding.batch_sharding(mesh, rules))
+
+    def run_step(holder, batch, step=step, mesh=mesh, rules=rules):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        holder[0], metrics = step(holder[0], batch)
+      return metrics
+
+    out[name] = (run_step, ([state], put), b * t)
+  return out
+
+
+def run_train_compare(reps: int, study_arg: str | None = None) -> list[dict[str, Any]]:
+  """Round-robin timed train steps; one row per model with tokens/s and x dense."""
+  fns = train_step_fns(study_arg)
+  t = time_calls({k: (f, a) for k, (f, a, _) in fns.items()}, {k: reps for k in fns})
+  dense_tps = fns["dense"][2] / min(t["dense"])
+  rows = []
+  for name, (_, _, tokens) in fns.items():
+    tps = tokens / min(t[name])
+    rows.append(dict(table="train_compare", model=name, tokens_per_step=tokens,
+                     min_s=min(t[name]), median_s=statistics.median(t[name]), reps=len(t[name]),
+                     tokens_per_sec=tps, vs_dense=tps / dense_tps))
+  return rows
+
+
+def format_train_table(rows) -> str:
+  lines = [f"{'model':>8} {'tokens/step':>11} {'min ms':>8} {'median ms':>9} {'tokens/s':>9} "
+           f"{'x dense':>8}"]
+  for r in rows:
+    lines.append(f"{r['model']:>8} {r['tokens_per_step']:11d} {1e3 * r['min_s']:8.1f} "
+                 f"{1e3 * r['median_s']:9.1f} {r['tokens_per_sec']:9.0f} {r['vs_dense']:8.2f}")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   kw = dict(layouts=_LAYOUTS.value, methods=_METHODS.value, tokens=_TOKENS.value,
             d_model=_D_MODEL.value, width=_WIDTH.value, routing_depth=_DEPTH.value,
             capacity_factor=_CF.value, reps=_REPS.value, slow_reps=_SLOW_REPS.value,
-            block_size=_BLOCK.value, min_block_size=_MIN_BLOCK.value)
+            block_size=_BLOCK.value, min_block_size=_MIN_BLOCK.value,
+            batched_factor=_BATCHED.value)
   if _QUICK.value:
     kw.update(layouts=["8/4/2"], tokens=512, d_model=64, width=128, reps=2, slow_reps=1)
   malloc = tune_malloc() if _TUNE_MALLOC.value else False
@@ -271,9 +357,17 @@ def main(argv):
         f"routing_depth={kw['routing_depth']} "
         f"block_size={kw['block_size'] or fcfg.block_size} "
         f"min_block_size={kw['min_block_size'] or fcfg.min_block_size} "
+        f"batched_factor={kw['batched_factor'] if kw['batched_factor'] >= 0 else fcfg.batched_factor} "
         f"capacity_factor={kw['capacity_factor']} malloc_tuned={malloc}", flush=True)
   rows = run(**kw)
   print(format_table(rows))
+  if _TRAIN.value:
+    train_rows = run_train_compare(2 if _QUICK.value else _TRAIN_REPS.value,
+                                   "quick" if _QUICK.value else None)
+    print("\ntraining steps, tiny models of the routing-depth study (same activated FFN "
+          "width per token):")
+    print(format_train_table(train_rows))
+    rows += train_rows
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(rows, f, indent=1)

@@ -79,12 +79,19 @@ def variables(module, x, seg, dom, std=0.4, seed=1):
   return dict(params=params, router_bias=bias)
 
 
+def _with_kind(cfg, name: str):
+  """'sorted@0.5': back-end 'sorted' with batched_factor 0.5 (the tests use 0: tile
+  loop only; 0.5: head and tail both busy; 8: every copy in the batched head)."""
+  kind, _, factor = name.partition("@")
+  return with_dispatch(cfg, kind, **(dict(batched_factor=float(factor)) if factor else {}))
+
+
 def run_backends(cfg, kinds, seed=0, pad=True):
   """For each back-end: y, grads of sum(y * ct) w.r.t. (params, x), and the sown
   collections, all from one jitted function. Same params for every back-end."""
   x, seg, dom = inputs(seed, pad)
   m = model_cfg()
-  mods = {k: forest.ExpertForest(with_dispatch(cfg, k), m) for k in kinds}
+  mods = {k: forest.ExpertForest(_with_kind(cfg, k), m) for k in kinds}
   v = variables(mods[kinds[0]], x, seg, dom)
   ct = jnp.asarray(np.random.default_rng(seed + 7).normal(size=x.shape).astype(np.float32))
 
@@ -145,7 +152,8 @@ SLOW_COMBOS = {
 def combo_results(name):
   c = {**COMBOS, **SLOW_COMBOS}[name]
   cfg = forest_cfg(c["depth"], c.get("absent", ()), **c["kw"])
-  kinds = ["dense_loop", "sorted", "capacity"] + (["ragged_dot"] if c.get("ragged") else [])
+  kinds = ["dense_loop", "sorted", "sorted@0", "sorted@0.5", "sorted@8", "capacity"] + (
+      ["ragged_dot"] if c.get("ragged") else [])
   return cfg, run_backends(cfg, kinds)
 
 
@@ -422,6 +430,7 @@ BAD = [
     (lambda f: f.update(dispatch="scatter"), "config.model.ffn.forest.dispatch:"),
     (lambda f: f.update(score_fn="relu"), "config.model.ffn.forest.score_fn:"),
     (lambda f: f.update(block_size=48), "config.model.ffn.forest.block_size:"),
+    (lambda f: f.update(batched_factor=-1.0), "config.model.ffn.forest.batched_factor:"),
     (lambda f: f.nominal_tier_mix.update(deep=0.0), "config.model.ffn.forest.nominal_tier_mix.deep:"),
     (lambda f: f.update(balance_loss_weight=-1.0), "config.model.ffn.forest.balance_loss_weight:"),
     (lambda f: [f.tiers[n].update(num_experts=0, top_k=0) for n in ("light", "deep", "super")],

@@ -58,6 +58,7 @@ along mesh axes outside the batch axes (e.g. `tensor`) repeat the same work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -202,8 +203,11 @@ def _shard_body(layout: EPLayout, specs, cfg, dt, inner: str, c_rows: int):
                                       flat_nJ.reshape(n * ep, 1))
     a2a = lambda v: jax.lax.all_to_all(v, layout.ep_axes, 0, 0, tiled=True) if ep > 1 else v
     recv_x, recv_e, recv_g = a2a(send_x), a2a(send_e), a2a(send_g)
-    out_RD, _ = dispatch_lib.BACKENDS[inner](recv_x, Route(recv_e, recv_g), weights, lspecs,
-                                             cfg, dt)
+    # The received buffer's load per local expert is not known statically: no
+    # batched head, every received copy goes through the tile loop.
+    run = (functools.partial(dispatch_lib.sorted_dispatch, batched_head=False)
+           if inner == "sorted" else dispatch_lib.BACKENDS[inner])
+    out_RD, _ = run(recv_x, Route(recv_e, recv_g), weights, lspecs, cfg, dt)
     back_RD = a2a(out_RD)
     y_nD = dispatch_lib.gather_rows(back_RD, flat_nJ, src_R1)
     lost = jnp.sum(here_nJK & (need_nJ & ~keep_nJ)[:, :, None], dtype=jnp.int32)

@@ -185,6 +185,8 @@ def _validate_dispatch(cfg, p: str) -> None:
   _require(cfg.capacity_factor > 0, f"{p}.capacity_factor",
            f"must be > 0, got {cfg.capacity_factor}")
   pow2 = lambda v: v >= 1 and (v & (v - 1)) == 0
+  _require(cfg.batched_factor >= 0, f"{p}.batched_factor",
+           f"must be >= 0 (0: tile loop only), got {cfg.batched_factor}")
   _require(pow2(cfg.block_size), f"{p}.block_size",
            f"must be a power of two, got {cfg.block_size}")
   _require(pow2(cfg.min_block_size) and cfg.min_block_size <= cfg.block_size,
