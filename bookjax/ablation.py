@@ -125,25 +125,44 @@ def run_study(study_path: str, outdir: str, *, log: Callable[[str], None] = prin
         f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
     if done:
       continue
+    t_point = time.time()
     summary = train.train_and_evaluate(point_config(study_cfg, p), wd)
     res = evaluate.evaluate_workdir(wd, quick=quick)
-    res["train"] = dict(tokens_per_sec=summary.get("tokens_per_sec"), step=summary["step"])
+    # Wall time of this invocation (train + evaluation); a resumed point counts
+    # only its last part.
+    res["train"] = dict(tokens_per_sec=summary.get("tokens_per_sec"), step=summary["step"],
+                        wall_min=(time.time() - t_point) / 60)
     with open(os.path.join(wd, "eval.json"), "w", encoding="utf-8") as f:
       json.dump(res, f, indent=2, ensure_ascii=False)
+  log(f"study finished: {len(pts)} points, {(time.time() - t0) / 60:.1f} min in this run")
   return write_tables(outdir, pts, module.metrics(), title=base.get("study", "study"))
 
 
+WALL_KEY = ("train/wall_min", "wall min / run")
+
+
 def write_tables(outdir: str, pts: list[Point], metrics, title: str) -> dict:
-  """Aggregates eval.json files: mean ± std over seeds per point."""
+  """Aggregates eval.json files: mean ± std over seeds per point.
+
+  A wall-time column (minutes per run, train + evaluation) is added when the runs
+  recorded it.
+  """
   order = list(dict.fromkeys(p.point for p in pts))
+  results = {}
+  for p in pts:
+    path = os.path.join(outdir, p.point, f"seed{p.seed}", "eval.json")
+    with open(path, encoding="utf-8") as f:
+      results[p.run_name] = json.load(f)
+  metrics = list(metrics)
+  if WALL_KEY[0] not in dict(metrics) and any(
+      isinstance(lookup(r, WALL_KEY[0]), (int, float)) for r in results.values()):
+    metrics.append(WALL_KEY)
   rows = []
   for name in order:
     vals: dict[str, list[float]] = {k: [] for k, _ in metrics}
     seeds = [p for p in pts if p.point == name]
     for p in seeds:
-      path = os.path.join(outdir, p.point, f"seed{p.seed}", "eval.json")
-      with open(path, encoding="utf-8") as f:
-        res = json.load(f)
+      res = results[p.run_name]
       for k, _ in metrics:
         v = lookup(res, k)
         if isinstance(v, (int, float)) and v is not None:

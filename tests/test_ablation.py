@@ -28,13 +28,16 @@ def test_quick_study_writes_tables(tmp_path, study):
   for r in rows:
     assert r["seeds"] == "2"
     assert 0.0 < float(r["bpc/overall:mean"]) < 20.0
+    assert float(r["train/wall_min:mean"]) > 0.0      # recorded per run, added as a column
   md = (tmp_path / "table.md").read_text()
   assert all(f"| {p} |" in md for p in STUDIES[study])
   assert (tmp_path / "plot.png").stat().st_size > 1000
   # A second run finds every point finished and only re-tabulates.
   logs = []
   ablation.run_study(path + ":quick", str(tmp_path), log=logs.append)
-  assert all("skipped" in line for line in logs)
+  points = [line for line in logs if line.startswith("[")]
+  assert len(points) == 2 * len(STUDIES[study]) and all("skipped" in l for l in points)
+  assert logs[-1].startswith("study finished")
 
 
 def test_bad_override_is_named():
