@@ -9,6 +9,7 @@ naming the offending field (e.g. `config.model.attention.num_heads`).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -169,6 +170,32 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
   c.mesh_rules = ()             # overrides: tuple of (logical_axis, mesh_axes)
   return c
+
+
+def _fill_missing(saved: dict, defaults: dict) -> dict:
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _fill_missing(out[key], value)
+  return out
+
+
+def load_json(path: str) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a workdir's config.json), with fields added to the
+  schema since it was written filled from today's defaults.
+
+  Saved values always win; only keys absent from the file are added, so a run
+  written before a new option existed loads with that option's default (for
+  options that default to the old behaviour, the run's behaviour is unchanged).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such config file")
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  return ml_collections.ConfigDict(_fill_missing(saved, default_config().to_dict()))
 
 
 # --------------------------------------------------------------------------------

@@ -462,14 +462,11 @@ def analyze_router_stats(stats, num_batches: int = 1) -> dict:
 
 def load_run(workdir: str):
   """(config, model, variables, tokenizer, splits) of a trained workdir's latest checkpoint."""
-  import json  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from bookjax import train  # pylint: disable=g-import-not-at-top
+  from bookjax import config_lib, train  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: not a bookjax workdir (no config.json)")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = config_lib.load_json(path)
   data = train.build_data(config, workdir)
   model = train.build_model(config.model, data.glyph)
   tx = train.make_optimizer(config.train)

@@ -907,8 +907,7 @@ def load_bookjax(path: str, step: Optional[int] = None):
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
-  with open(os.path.join(path, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = config_lib.load_json(os.path.join(path, "config.json"))
   if os.path.isdir(os.path.join(path, "params")):
     tree = ocp.StandardCheckpointer().restore(os.path.join(path, "params"))
     return config, tree["params"], tree.get("router_bias", {})

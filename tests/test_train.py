@@ -102,3 +102,24 @@ def test_config_arg_parsing():
   assert c.model.ffn.kind == "forest" and c.train.steps == 7
   with pytest.raises(ValueError, match="stepz"):
     tiny.get_config("stepz=3")
+
+
+def test_saved_config_gains_fields_added_since(tmp_path):
+  """A workdir's config.json written before a field existed loads with that field's
+  default; every saved value is kept."""
+  c = tiny.get_config("ffn=forest,runlocal")
+  c.model.ffn.forest.block_size = 32
+  saved = json.loads(c.to_json_best_effort())
+  del saved["model"]["ffn"]["forest"]["batched_factor"]
+  del saved["train"]["max_to_keep"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(saved))
+  loaded = config_lib.load_json(str(path))
+  default = config_lib.default_config()
+  assert loaded.model.ffn.forest.batched_factor == default.model.ffn.forest.batched_factor
+  assert loaded.train.max_to_keep == default.train.max_to_keep
+  assert loaded.model.ffn.forest.block_size == 32 and loaded.model.ffn.kind == "forest"
+  assert loaded.model.d_model == c.model.d_model
+  config_lib.validate(loaded)
+  with pytest.raises(FileNotFoundError, match="nope.json"):
+    config_lib.load_json(str(tmp_path / "nope.json"))
