@@ -101,6 +101,8 @@ def default_forest_config() -> ml_collections.ConfigDict:
           super=dict(num_experts=2, d_ff=256, depth=1, top_k=1),  # wide SwiGLU
       ),
       tier_top_k=1,              # depth 2/3: how many tiers a token visits
+      tier_gate="prob",          # depth 2/3: gate factor of a visited tier: 'prob' = p_tier,
+                                 #   'unit' = p_tier / stop_gradient(p_tier) (value 1)
       top_k=2,                   # depth 1: experts per token over all tiers
       num_shared=0,              # always-on shared experts (merged into one SwiGLU)
       shared_d_ff=128,           # width of each shared expert

@@ -45,3 +45,19 @@ def test_bad_override_is_named():
                                           "ablate_routing_depth.py:quick"))[0].get_config("quick")
   with pytest.raises(ValueError, match="model.ffn.nope"):
     ablation.point_config(base, ablation.Point("x", 0, {"model.ffn.nope": 1}))
+
+
+def test_tier_gate_study_points_validate():
+  """The follow-up study loads, and each point is a valid unit-gate depth-2/3 forest
+  on the routing-depth study's base config."""
+  from bookjax import config_lib
+  path = os.path.join(ROOT, "experiments", "configs", "ablate_tier_gate.py")
+  module, arg = ablation.load_study(path)
+  base = module.get_config(arg)
+  pts = ablation.points_of(module)
+  assert [p.run_name for p in pts] == ["depth2_unit/seed0", "depth3_unit/seed0",
+                                       "depth2_unit/seed1", "depth3_unit/seed1"]
+  for p in pts:
+    c = ablation.point_config(base, p)
+    config_lib.validate(c)
+    assert c.model.ffn.forest.tier_gate == "unit" and c.train.steps == 600

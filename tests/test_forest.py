@@ -136,8 +136,9 @@ COMBOS = {
                                                               shared_d_ff=8)),
     # depth 3 with all tiers, domain supervision, two tile sizes (plus ragged_dot)
     "depth3_full": dict(depth=3, kw=dict(domain_supervision=0.1, min_block_size=4), ragged=True),
-    # depth 3 without the light tier
-    "depth3_no_light": dict(depth=3, absent=("light",), kw=dict(score_fn="sigmoid")),
+    # depth 3 without the light tier, unit tier gates
+    "depth3_no_light": dict(depth=3, absent=("light",), kw=dict(score_fn="sigmoid",
+                                                                tier_gate="unit")),
 }
 
 SLOW_COMBOS = {
@@ -251,6 +252,34 @@ def test_tiered_route_matches_numpy():
     want_g[:s.top_k] = p_tier[r] * w
     np.testing.assert_array_equal(np.asarray(route.expert_NK[t]), want_e)
     np.testing.assert_allclose(np.asarray(route.gate_NK[t]), want_g, rtol=1e-5, atol=1e-7)
+
+
+def test_unit_tier_gate_has_value_one_and_keeps_the_gradient():
+  """tier_gate='unit': gates equal the in-tier weights (p_tier factor of value 1), and
+  the loss still differentiates into the domain and tier routers."""
+  cfg = forest_cfg(3, tier_gate="unit")
+  specs = spec_lib.tier_specs(cfg)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(6, D_MODEL)).astype(np.float32))
+  router = dict(experts=rng.normal(size=(D_MODEL, 9)), domain=rng.normal(size=(D_MODEL, 3)),
+                tier=rng.normal(size=(D_MODEL, 3, 3)))
+  router = {k: jnp.asarray(v.astype(np.float32)) for k, v in router.items()}
+  bias = [jnp.zeros((s.num_experts,)) for s in specs]
+
+  def gates(router, c):
+    return routing.tiered_route(x, router, jnp.zeros(3), bias, c, specs, jnp.ones(6, bool))[0]
+
+  unit, prob = gates(router, cfg), gates(router, with_dispatch(cfg, "sorted", tier_gate="prob"))
+  np.testing.assert_array_equal(np.asarray(unit.expert_NK), np.asarray(prob.expert_NK))
+  sums = np.asarray(unit.gate_NK).sum(1)
+  assert np.all(sums > np.asarray(prob.gate_NK).sum(1))
+  for t in range(6):   # one tier per token; its weights sum to 1 (top-2) or are s (top-1)
+    e = np.asarray(unit.expert_NK[t])
+    if np.sum(e < 9) > 1:
+      np.testing.assert_allclose(sums[t], 1.0, rtol=1e-6)
+  g = jax.grad(lambda r: jnp.sum(gates(r, cfg).gate_NK ** 2))(router)
+  for name in ("domain", "tier", "experts"):
+    assert float(jnp.max(jnp.abs(g[name]))) > 0, name
 
 
 def test_gradients_reach_all_three_levels():
@@ -429,6 +458,7 @@ BAD = [
     (lambda f: f.update(tier_top_k=4), "config.model.ffn.forest.tier_top_k:"),
     (lambda f: f.update(dispatch="scatter"), "config.model.ffn.forest.dispatch:"),
     (lambda f: f.update(score_fn="relu"), "config.model.ffn.forest.score_fn:"),
+    (lambda f: f.update(tier_gate="half"), "config.model.ffn.forest.tier_gate:"),
     (lambda f: f.update(block_size=48), "config.model.ffn.forest.block_size:"),
     (lambda f: f.update(batched_factor=-1.0), "config.model.ffn.forest.batched_factor:"),
     (lambda f: f.nominal_tier_mix.update(deep=0.0), "config.model.ffn.forest.nominal_tier_mix.deep:"),

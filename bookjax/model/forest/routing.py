@@ -34,6 +34,10 @@ Depth 3 (domain -> tier -> expert): p_dom = softmax(x W_M) over M domains; the
   loss differentiates through all three levels. The tier factor is never
   renormalised over the chosen tiers: with tier_top_k = 1 that would make it 1
   and cut the gradient to levels 1 and 2.
+  tier_gate 'unit' replaces the factor p_tier[r] by p_tier[r] / sg(p_tier[r]):
+  value 1 (a visited tier's experts write at full scale, as at depth 1), gradient
+  d/dp = 1 / p (levels 1 and 2 still learn). With 'prob' the routed output is
+  scaled by p_tier, measured at 0.25-0.8 in the routing-depth study's models.
 """
 from __future__ import annotations
 
@@ -172,6 +176,9 @@ def tiered_route(x_ND, router, tier_bias_R, expert_bias: Sequence, cfg,
   choice_NR = jax.lax.stop_gradient(p_tier_NR) + jax.lax.stop_gradient(tier_bias_R)
   _, tier_idx_NJ = jax.lax.top_k(choice_NR, int(cfg.tier_top_k))
   visit_NR = jnp.any(tier_idx_NJ[:, :, None] == jnp.arange(n_tiers), axis=1) & valid_N[:, None]
+  tier_w_NR = p_tier_NR
+  if cfg.tier_gate == "unit":
+    tier_w_NR = p_tier_NR / jax.lax.stop_gradient(jnp.maximum(p_tier_NR, 1e-30))
   e_logits_NE = x_ND @ router["experts"]
   experts, gates, actives, scores, logits = [], [], [], [], []
   for r, s in enumerate(specs):
@@ -179,7 +186,7 @@ def tiered_route(x_ND, router, tier_bias_R, expert_bias: Sequence, cfg,
     s_NE = scores_of(lg_NE, cfg.score_fn)
     idx_NK, w_NK = select_topk(s_NE, expert_bias[r], s.top_k, norm_topk=cfg.norm_topk)
     experts.append(idx_NK + s.offset)
-    gates.append(cfg.route_scale * p_tier_NR[:, r:r + 1] * w_NK)
+    gates.append(cfg.route_scale * tier_w_NR[:, r:r + 1] * w_NK)
     actives.append(jnp.broadcast_to(visit_NR[:, r:r + 1], idx_NK.shape))
     scores.append(_normalise(s_NE))
     logits.append(lg_NE)

@@ -15,6 +15,7 @@ from typing import Any
 TIER_NAMES = ("light", "deep", "super")
 DISPATCH_BACKENDS = ("sorted", "capacity", "ragged_dot", "dense_loop", "expert_parallel")
 SCORE_FNS = ("softmax", "sigmoid")
+TIER_GATES = ("prob", "unit")
 TIER_FIELDS = ("num_experts", "d_ff", "depth", "top_k")
 
 
@@ -162,6 +163,8 @@ def _validate_routing(cfg, p: str) -> None:
   else:
     _require(1 <= cfg.tier_top_k <= len(specs), f"{p}.tier_top_k",
              f"must lie in [1, present tiers={len(specs)}], got {cfg.tier_top_k}")
+    _require(cfg.tier_gate in TIER_GATES, f"{p}.tier_gate",
+             f"must be one of {TIER_GATES}, got {cfg.tier_gate!r}")
     _require(cfg.num_groups == 1 and cfg.topk_groups == 1, f"{p}.num_groups",
              "group-limited routing is only defined for routing_depth 1; set "
              "num_groups = topk_groups = 1")
