@@ -8,7 +8,13 @@ tokens and seeds as the routing-depth study, so its rows compare directly.
 Run:  python experiments/ablate.py --config=experiments/configs/ablate_tier_gate.py \
         --outdir=workdirs/ablate_tier_gate
 """
-from experiments.configs import ablate_routing_depth as base_study
+import os
+
+from bookjax import ablation
+
+# Loaded by path, as the runner loads study files (`experiments` need not be importable).
+base_study, _ = ablation.load_study(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablate_routing_depth.py"))
 
 SEEDS = base_study.SEEDS
 
