@@ -190,6 +190,11 @@ def ideal_step(fcfg, mcfg, tier_copies: dict[str, int], seed: int = 0):
   return jax.jit(jax.grad(loss)), (args,)
 
 
+def timing_fields(ts: list[float]) -> dict[str, Any]:
+  """min_s / median_s / reps of one row's timed calls."""
+  return dict(min_s=min(ts), median_s=statistics.median(ts), reps=len(ts))
+
+
 def _block(tree):
   jax.block_until_ready(tree)
 
@@ -245,8 +250,7 @@ def run(layouts, methods, tokens, d_model, width, routing_depth, capacity_factor
     for name in ["ideal"] + list(methods):
       rows.append(dict(layout=layout, experts=n_exp, method=name, tokens=tokens,
                        d_model=d_model, width=width, routing_depth=routing_depth,
-                       min_s=min(t[name]), median_s=statistics.median(t[name]),
-                       reps=len(t[name]), vs_ideal=min(t[name]) / ideal,
+                       **timing_fields(t[name]), vs_ideal=min(t[name]) / ideal,
                        tier_copies=copies))
     print(f"measured layout {layout}", flush=True)
   return rows
@@ -327,8 +331,7 @@ def run_train_compare(reps: int, study_arg: str | None = None) -> list[dict[str,
   for name, (_, _, tokens) in fns.items():
     tps = tokens / min(t[name])
     rows.append(dict(table="train_compare", model=name, tokens_per_step=tokens,
-                     min_s=min(t[name]), median_s=statistics.median(t[name]), reps=len(t[name]),
-                     tokens_per_sec=tps, vs_dense=tps / dense_tps))
+                     **timing_fields(t[name]), tokens_per_sec=tps, vs_dense=tps / dense_tps))
   return rows
 
 

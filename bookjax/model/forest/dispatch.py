@@ -77,11 +77,14 @@ _dus = jax.lax.dynamic_update_slice_in_dim
 # Gathers with gather transposes
 # ----------------------------------------------------------------------------------
 
-def _gather_sum(x_AD, idx_BJ):
-  """out[b] = sum_j x[idx[b, j]]; indices >= A read zeros."""
+def _gather_sum(x_AD, idx_BJ, weight_BJ=None):
+  """out[b] = sum_j w[b, j] * x[idx[b, j]] (w = 1 when not given); indices >= A
+  read zeros."""
   out = None
   for j in range(idx_BJ.shape[1]):
     g = jnp.take(x_AD, idx_BJ[:, j], axis=0, mode="fill", fill_value=0)
+    if weight_BJ is not None:
+      g = g * weight_BJ[:, j:j + 1].astype(x_AD.dtype)
     out = g if out is None else out + g
   return out
 
@@ -407,16 +410,6 @@ def _tier_backward(tk: TierKernel, dt, x_ND, src_P, gate_P, dy_ND, dx_PD, w2, st
   return dx_PD, tuple(d.astype(w.dtype) for d, w in zip(dw, w2))
 
 
-def _combine(y_PD, gate_NK, pos_NK):
-  """y[n] = sum_k gate[n, k] * y_PD[pos[n, k]] (a weighted gather-sum)."""
-  out = None
-  for k in range(pos_NK.shape[1]):
-    g = jnp.take(y_PD, pos_NK[:, k], axis=0, mode="fill", fill_value=0)
-    g = g * gate_NK[:, k:k + 1].astype(y_PD.dtype)
-    out = g if out is None else out + g
-  return out
-
-
 def _routed_forward(ks: KernelSpec, x_ND, gate_NK, weights, plan: "SortPlan", starts,
                     save: bool):
   dt = layers.dtype_of(ks.dtype)
@@ -426,7 +419,8 @@ def _routed_forward(ks: KernelSpec, x_ND, gate_NK, weights, plan: "SortPlan", st
   for tk, w2, st in zip(ks.tiers, weights, starts):
     y_PD, sv = _tier_forward(tk, dt, x_ND, src_P, y_PD, w2, st, save)
     all_saves.append(sv)
-  return _combine(y_PD, gate_NK, plan.pos_NK), y_PD, all_saves
+  # y[n] = sum_k gate[n, k] * y_PD[pos[n, k]]
+  return _gather_sum(y_PD, plan.pos_NK, gate_NK), y_PD, all_saves
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
